@@ -1,0 +1,168 @@
+"""The exact Gaussian-mixture prior: every diffusion quantity in closed form.
+
+p(x) = sum_k w_k N(x; mu_k, diag(v_k)). Under x_t = alpha x + sigma eps the noised density is again a
+mixture, sum_k w_k N(x_t; alpha mu_k, diag(alpha^2 v_k + sigma^2)), so eps, the score and the
+denoiser are exact at every t, and so is the posterior under a linear operator with Gaussian noise
+(Bishop 2006, sec. 2.3.3, per component, with weights from the evidence N(y; A mu_k, A S_k A^T + s^2 I)).
+This is what makes the mixture the ground truth for the whole pipeline (DESIGN.md).
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+
+from ..errors import ApsError
+from ..schedules import ContinuousSchedule, Schedule
+from .base import Prior, _expand
+
+LOG_2PI = math.log(2 * math.pi)
+
+
+class GaussianMixturePrior(Prior):
+    """Mixture of K diagonal Gaussians in R^d.
+
+    Args:
+        means: (K, d). weights: (K,), positive (normalised here). variances: (K,) isotropic or (K, d).
+        schedule: the VP schedule eps is evaluated on (default: continuous cosine, log-SNR in [-14, 14]).
+    """
+
+    def __init__(self, means, weights, variances, schedule: Schedule | None = None):
+        super().__init__()
+        means = torch.as_tensor(means, dtype=torch.float64)
+        weights = torch.as_tensor(weights, dtype=torch.float64)
+        variances = torch.as_tensor(variances, dtype=torch.float64)
+        if means.ndim != 2:
+            raise ApsError(f"mixture means must be (K, d), got shape {tuple(means.shape)}")
+        k, d = means.shape
+        if weights.shape != (k,) or not (weights > 0).all():
+            raise ApsError(f"mixture weights must be ({k},) and positive, got shape {tuple(weights.shape)}")
+        if variances.shape == (k,):
+            variances = variances[:, None].expand(k, d).clone()
+        if variances.shape != (k, d) or not (variances > 0).all():
+            raise ApsError(f"mixture variances must be ({k},) or ({k}, {d}) and positive")
+        for name, v in (("means", means), ("weights", weights), ("variances", variances)):
+            if not torch.isfinite(v).all():
+                raise ApsError(f"mixture {name} contain NaN or inf")
+        dtype = torch.get_default_dtype()
+        self.register_buffer("means", means.to(dtype))
+        self.register_buffer("log_weights", torch.log(weights / weights.sum()).to(dtype))
+        self.register_buffer("variances", variances.to(dtype))
+        self.schedule = schedule or ContinuousSchedule()
+        self.event_shape = (d,)
+
+    @property
+    def dim(self) -> int:
+        return self.means.shape[1]
+
+    def _noised(self, t):
+        """Component means (B, K, d) and variances (B, K, d) of p_t at times t (B,)."""
+        alpha, sigma = self.schedule.alpha_sigma(t)
+        alpha, sigma = alpha.to(self.means.dtype), sigma.to(self.means.dtype)
+        mean = alpha[:, None, None] * self.means
+        var = alpha[:, None, None] ** 2 * self.variances + sigma[:, None, None] ** 2
+        return mean, var
+
+    @staticmethod
+    def _log_normal(x, mean, var):
+        """log N(x; mean, diag(var)) summed over the last axis; x (B, 1, d) against (B|1, K, d)."""
+        return -0.5 * ((x - mean) ** 2 / var + torch.log(var) + LOG_2PI).sum(-1)
+
+    def _responsibilities(self, x, mean, var):
+        return torch.softmax(self.log_weights + self._log_normal(x[:, None, :], mean, var), dim=-1)
+
+    def eps(self, x_t, t):
+        """Exact eps = -sigma_t * grad log p_t(x_t), (B, d)."""
+        _, sigma = self.schedule.alpha_sigma(t)
+        return -_expand(sigma, x_t) * self.score_exact(x_t, t)
+
+    def score_exact(self, x_t, t):
+        """grad_x log p_t(x_t), (B, d): sum_k r_k(x_t) (alpha mu_k - x_t) / var_k."""
+        mean, var = self._noised(t)
+        r = self._responsibilities(x_t, mean, var)  # (B, K)
+        return (r[..., None] * (mean - x_t[:, None, :]) / var).sum(1)
+
+    def log_prob_t(self, x_t, t):
+        """Exact log p_t(x_t), (B,)."""
+        mean, var = self._noised(t)
+        return torch.logsumexp(self.log_weights + self._log_normal(x_t[:, None, :], mean, var), dim=-1)
+
+    def log_prob(self, x):
+        """Exact log p(x) of the clean mixture, (B,)."""
+        return torch.logsumexp(self.log_weights + self._log_normal(x[:, None, :], self.means, self.variances), -1)
+
+    def sample(self, n, generator=None):
+        k = torch.multinomial(self.log_weights.exp(), n, replacement=True, generator=generator)
+        z = torch.randn(n, self.dim, generator=generator, device=self.means.device, dtype=self.means.dtype)
+        return self.means[k] + self.variances[k].sqrt() * z
+
+    def moments(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """Mean (d,) and covariance (d, d) of the mixture (float64)."""
+        w = self.log_weights.double().exp()
+        mu, v = self.means.double(), self.variances.double()
+        mean = w @ mu
+        centred = mu - mean
+        cov = torch.diag(w @ v) + (w[:, None] * centred).T @ centred
+        return mean, cov
+
+    def posterior(self, operator, y) -> "MixturePosterior":
+        """Exact p(x | y) for a linear operator with Gaussian noise: a full-covariance mixture per y.
+
+        y: (B, dy). Returns a MixturePosterior with means (B, K, d), one covariance per component.
+        """
+        a = operator.matrix().double()  # (dy, d)
+        s2 = float(operator.sigma_y) ** 2
+        y = operator.check_y(y).double()
+        mu, v = self.means.double(), self.variances.double()  # (K, d)
+        av = a[None] * v[:, None, :]  # A S_k, (K, dy, d)
+        gram = av @ a.T + s2 * torch.eye(a.shape[0], dtype=torch.float64, device=a.device)  # (K, dy, dy)
+        chol = torch.linalg.cholesky(gram)
+        resid = y[:, None, :] - mu @ a.T  # (B, K, dy)
+        # Woodbury: cov_k = S_k - S_k A^T G_k^-1 A S_k ; mean_k = mu_k + S_k A^T G_k^-1 (y - A mu_k)
+        sol = torch.cholesky_solve(resid.permute(1, 2, 0), chol)  # (K, dy, B)
+        means = mu[None] + torch.einsum("kyd,kyb->bkd", av, sol)
+        covs = torch.diag_embed(v) - av.transpose(1, 2) @ torch.cholesky_solve(av, chol)
+        covs = 0.5 * (covs + covs.transpose(1, 2))
+        log_evidence = (-0.5 * (resid.permute(1, 2, 0) * sol).sum(1).T
+                        - torch.log(torch.diagonal(chol, dim1=1, dim2=2)).sum(-1)
+                        - 0.5 * a.shape[0] * LOG_2PI)  # (B, K)
+        log_w = torch.log_softmax(self.log_weights.double() + log_evidence, dim=-1)
+        return MixturePosterior(means, covs, log_w)
+
+
+class MixturePosterior:
+    """A batch of Gaussian mixtures with full covariances: means (B, K, d), covs (K, d, d), log_weights (B, K)."""
+
+    def __init__(self, means, covs, log_weights):
+        self.means, self.covs, self.log_weights = means, covs, log_weights
+        self._chol = torch.linalg.cholesky(covs)
+
+    @property
+    def weights(self):
+        return self.log_weights.exp()
+
+    def sample(self, n: int, generator: torch.Generator | None = None) -> torch.Tensor:
+        """(B, n, d) exact posterior samples."""
+        b, k, d = self.means.shape
+        comp = torch.multinomial(self.weights, n, replacement=True, generator=generator)  # (B, n)
+        z = torch.randn(b, n, d, generator=generator, dtype=torch.float64, device=self.means.device)
+        mean = torch.gather(self.means, 1, comp[..., None].expand(b, n, d))
+        return mean + (self._chol[comp] @ z[..., None])[..., 0]
+
+    def component_log_probs(self, x):
+        """log w_k + log N_k(x), (B, n, K) for x (B, n, d)."""
+        x = x.double()
+        diff = x[:, :, None, :] - self.means[:, None]  # (B, n, K, d)
+        sol = torch.linalg.solve_triangular(self._chol, diff[..., None], upper=False)[..., 0]
+        half_logdet = torch.log(torch.diagonal(self._chol, dim1=-2, dim2=-1)).sum(-1)  # (K,)
+        d = x.shape[-1]
+        log_n = -0.5 * sol.pow(2).sum(-1) - half_logdet - 0.5 * d * LOG_2PI
+        return self.log_weights[:, None, :] + log_n
+
+    def log_prob(self, x):
+        """Exact log p(x | y), (B, n) for x (B, n, d)."""
+        return torch.logsumexp(self.component_log_probs(x), dim=-1)
+
+    def assign(self, x):
+        """Most responsible component of each sample, (B, n) (the Bayes classifier of the mixture)."""
+        return self.component_log_probs(x).argmax(-1)

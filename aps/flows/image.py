@@ -1,0 +1,213 @@
+"""ConditionalGlow: a multiscale Glow/RealNVP flow q(x | y) for images x (C, H, W), as one normflows model.
+
+Architecture (Glow, Kingma & Dhariwal 2018; multiscale as in RealNVP, Dinh et al. 2017), read in
+the data direction x -> z: squeeze to (4C, H/2, W/2), K steps, factor out half the channels,
+squeeze, K steps, ... for `levels` levels. Each step is ActNorm -> 1x1 conv -> affine coupling, and
+every coupling also sees a feature map of the measurement y at its own resolution, made once per y
+by a small CNN pyramid (`MeasurementEncoder`); the tuple of those maps is the normflows context.
+
+Why one flat list rather than normflows' MultiscaleFlow: MultiscaleFlow passes only class labels to
+its base distributions, and `ConditionalNormalizingFlow` gives the context to every layer of one
+list. So the multiscale structure is "squeeze-all": z (C, H, W) is squeezed `levels` times at the
+start of the sampling direction, and a layer of level l acts on the first C * 2^(l+1) channels of
+the full tensor only; the channels behind them are the latents factored out at finer levels, which
+pass through untouched and reach their own squeezes (a squeeze keeps a channel's four children
+contiguous, so "the first n channels" stays the active block at every level). No Split/Merge state
+is carried between layers, splits are channel slices (no masks), and z keeps x's spatial layout.
+
+ActNorm here is a plain learnable per-channel affine (normflows `AffineConstFlow`) started at the
+identity, without Glow's data-dependent initialisation: that init turns the parameters bf16 when
+the first call runs under autocast and differs per rank under DDP (LIBRARY-NOTES), and a flow
+trained by reverse KL has no data batch to initialise from anyway. With zero-initialised coupling
+outputs and identity ActNorms the flow starts as a random rotation per pixel block: x = Q z, log_q =
+log N(z).
+"""
+from __future__ import annotations
+
+from typing import Callable
+
+import normflows as nf
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..errors import ApsError
+from .base import ConditionalFlow
+from .layers import ConditionalAffineCoupling, LUInvertibleConv1x1, Unconditional
+
+Y_KINDS = ("image", "small_image", "vector", "class")
+
+
+class MeasurementEncoder(nn.Module):
+    """A CNN pyramid from y to one feature map per flow level.
+
+    y is first made an image of x's size (C_in, H, W): "image" as is, "small_image" upsampled
+    bilinearly, "vector" through a linear layer to one channel (a learned linear reconstruction),
+    "class" through an embedding to one channel (a learned template); an optional extra feature
+    image (e.g. A^T y) is concatenated. A 3x3 stem, then per level a stride-2 block, gives the maps.
+
+    Args:
+        event_shape: (C, H, W) of x.
+        y_shape: (Cy, H, W) for "image", (Cy, H/f, W/f) for "small_image", (m,) for "vector", () for "class".
+        y_kind: one of Y_KINDS.
+        levels: L, the number of maps (resolutions H/2 .. H/2^L).
+        cond_channels: channels of every map.
+        n_classes: classes for "class".
+        extra_channels: channels of the extra feature image (0: none).
+    Shapes: y (B, *y_shape), extra (B, extra_channels, H, W) -> tuple of L tensors (B, cond_channels, H/2^l, W/2^l).
+    """
+
+    def __init__(self, event_shape, y_shape, y_kind, levels, cond_channels, n_classes, extra_channels):
+        super().__init__()
+        _, h, w = event_shape
+        self.y_kind, self.size = y_kind, (h, w)
+        if y_kind in ("image", "small_image"):
+            stem_in = y_shape[0]
+        elif y_kind == "vector":
+            self.lift = nn.Linear(y_shape[0], h * w)
+            stem_in = 1
+        else:
+            self.lift = nn.Embedding(n_classes, h * w)
+            stem_in = 1
+        self.stem = nn.Conv2d(stem_in + extra_channels, cond_channels, 3, padding=1)
+        # pre-activation blocks: the maps handed to the couplings are linear outputs (either sign)
+        self.down = nn.ModuleList(
+            nn.Sequential(
+                nn.ReLU(),
+                nn.Conv2d(cond_channels, cond_channels, 3, stride=2, padding=1),
+                nn.ReLU(),
+                nn.Conv2d(cond_channels, cond_channels, 3, padding=1),
+            )
+            for _ in range(levels)
+        )
+
+    def forward(self, y: torch.Tensor, extra: torch.Tensor | None = None) -> tuple:
+        b = y.shape[0]
+        dtype = self.stem.weight.dtype
+        if self.y_kind == "image":
+            img = y.to(dtype)
+        elif self.y_kind == "small_image":
+            img = F.interpolate(y.to(dtype), size=self.size, mode="bilinear", align_corners=False)
+        elif self.y_kind == "vector":
+            img = self.lift(y.to(dtype)).view(b, 1, *self.size)
+        else:
+            img = self.lift(y.reshape(b).long()).view(b, 1, *self.size)
+        if extra is not None:
+            img = torch.cat([img, extra.reshape(b, -1, *self.size).to(img.dtype)], 1)
+        h = self.stem(img)
+        maps = []
+        for block in self.down:
+            h = block(h)
+            maps.append(h)
+        return tuple(maps)
+
+
+class ConditionalGlow(ConditionalFlow):
+    """Conditional multiscale Glow q_phi(x | y) for x (C, H, W): one normflows ConditionalNormalizingFlow.
+
+    Args:
+        event_shape: (C, H, W); H and W divisible by 2^levels.
+        y_shape: the measurement's shape per item (see `MeasurementEncoder`).
+        y_kind: "image" | "small_image" | "vector" | "class".
+        levels: multiscale levels L (3 for 32x32); level l runs at H/2^l on C * 2^(l+1) channels.
+        steps_per_level: K, Glow steps (ActNorm, 1x1 conv, coupling) per level.
+        hidden_channels: width of each coupling network.
+        cond_channels: width of the measurement features.
+        clamp: bound on the log-scale of each coupling (soft, tanh).
+        n_classes: number of classes for y_kind "class" (y holds integers 0 .. n_classes - 1).
+        extra_channels: channels of an extra feature image (e.g. A^T y, reshaped to (extra_channels, H, W))
+            concatenated to the encoder's input; given to `encode(y, extra)`, or made by
+            `self.backprojection(y)` (a plain callable set after construction, not saved) when
+            `forward`/`sample`/`log_prob` call `encode(y)`.
+    Shapes: `sample(y, n)`: y (B, *y_shape) -> x (B, n, C, H, W), log_q (B, n); `log_prob(x, y)` -> (B,).
+
+    Example:
+        >>> flow = ConditionalGlow((1, 8, 8), (2, 8, 8), "image", levels=2, steps_per_level=2)
+        >>> x, log_q = flow.sample(torch.randn(3, 2, 8, 8), n=5)
+        >>> x.shape, log_q.shape
+        (torch.Size([3, 5, 1, 8, 8]), torch.Size([3, 5]))
+    """
+
+    def __init__(
+        self,
+        event_shape,
+        y_shape,
+        y_kind: str = "image",
+        levels: int = 3,
+        steps_per_level: int = 8,
+        hidden_channels: int = 64,
+        cond_channels: int = 32,
+        clamp: float = 2.0,
+        n_classes: int = 10,
+        extra_channels: int = 0,
+    ):
+        super().__init__()
+        self.event_shape, self.y_shape = tuple(event_shape), tuple(y_shape)
+        self._args = dict(
+            y_kind=y_kind, levels=levels, steps_per_level=steps_per_level, hidden_channels=hidden_channels,
+            cond_channels=cond_channels, clamp=float(clamp), n_classes=n_classes, extra_channels=extra_channels,
+        )
+        self._check_args()
+        self.extra_channels = extra_channels
+        self.backprojection: Callable | None = None
+        self.encoder = MeasurementEncoder(
+            self.event_shape, self.y_shape, y_kind, levels, cond_channels, n_classes, extra_channels
+        )
+        c = self.event_shape[0]
+        # sampling order (z -> x): squeeze z to the coarsest level, then from coarse to fine the
+        # level's steps (coupling, 1x1 conv, ActNorm: a Glow step read backwards) and an un-squeeze
+        # (normflows' Squeeze.forward un-squeezes; Reverse makes it squeeze)
+        flows = [Unconditional(nf.flows.Reverse(nf.flows.Squeeze())) for _ in range(levels)]
+        for level in reversed(range(levels)):
+            n = c * 2 ** (level + 2)
+            for _ in range(steps_per_level):
+                flows += [
+                    ConditionalAffineCoupling(n, cond_channels, hidden_channels, clamp, level),
+                    LUInvertibleConv1x1(n),
+                    Unconditional(nf.flows.AffineConstFlow((n, 1, 1)), n),
+                ]
+            flows.append(Unconditional(nf.flows.Squeeze()))
+        q0 = nf.distributions.DiagGaussian(self.event_shape, trainable=False)
+        self.nf = nf.ConditionalNormalizingFlow(q0, flows)
+
+    def _check_args(self):
+        a, ev, ys = self._args, self.event_shape, self.y_shape
+        if a["y_kind"] not in Y_KINDS:
+            raise ApsError(f"y_kind must be one of {Y_KINDS}, got {a['y_kind']!r}")
+        if len(ev) != 3:
+            raise ApsError(f"event_shape must be (C, H, W), got {ev}")
+        if a["levels"] < 1 or a["steps_per_level"] < 1:
+            raise ApsError("levels and steps_per_level must be >= 1")
+        _, h, w = ev
+        f = 2 ** a["levels"]
+        if h % f or w % f:
+            raise ApsError(f"H and W of {ev} must be divisible by 2^levels = {f}")
+        kind = a["y_kind"]
+        if kind == "image" and (len(ys) != 3 or ys[1:] != (h, w)):
+            raise ApsError(f"y_kind 'image' needs y_shape (Cy, {h}, {w}), got {ys}")
+        if kind == "small_image" and (len(ys) != 3 or h % ys[1] or w % ys[2] or h // ys[1] != w // ys[2]):
+            raise ApsError(f"y_kind 'small_image' needs y_shape (Cy, {h}/f, {w}/f), got {ys}")
+        if kind == "vector" and len(ys) != 1:
+            raise ApsError(f"y_kind 'vector' needs y_shape (m,), got {ys}")
+        if kind == "class":
+            if ys not in ((), (1,)):
+                raise ApsError(f"y_kind 'class' needs y_shape () or (1,), got {ys}")
+            if a["n_classes"] < 1:
+                raise ApsError("n_classes must be >= 1")
+            if a["extra_channels"]:
+                raise ApsError("y_kind 'class' takes no extra feature image")
+
+    def encode(self, y: torch.Tensor, extra: torch.Tensor | None = None) -> tuple:
+        """Context from y (B, *y_shape) [and an extra image (B, extra_channels, H, W)]: L maps (B, cond, H/2^l, W/2^l)."""
+        if tuple(y.shape[1:]) != self.y_shape:
+            raise ApsError(f"y must have shape (B, {', '.join(map(str, self.y_shape))}), got {tuple(y.shape)}")
+        if self.extra_channels and extra is None:
+            if self.backprojection is None:
+                raise ApsError("this flow takes an extra feature image: pass encode(y, extra) or set flow.backprojection")
+            extra = self.backprojection(y)
+        if extra is not None and not self.extra_channels:
+            raise ApsError("this flow was built with extra_channels=0 and takes no extra feature image")
+        return self.encoder(y, extra)
+
+    def config(self) -> dict:
+        return dict(event_shape=list(self.event_shape), y_shape=list(self.y_shape), **self._args)

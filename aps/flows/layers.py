@@ -1,0 +1,163 @@
+"""normflows `Flow` layers for conditional multiscale image flows (used by `aps.flows.image`).
+
+Direction as in `aps.flows.base`: `forward(z, context)` runs z -> x (sampling) and returns
+(x, log|det dx/dz|) per batch item; `inverse(x, context)` runs x -> z with the negated log-det.
+
+Why these exist rather than normflows' own Glow pieces (LIBRARY-NOTES, normflows section):
+`ConditionalNormalizingFlow` calls every layer as `flow(z, context=context)`, and normflows'
+ActNorm, Invertible1x1Conv, AffineCoupling and Squeeze take no `context` (a TypeError), so the
+context-free ones are wrapped by `Unconditional`, and the coupling, which must see the measurement,
+is written here. normflows' Invertible1x1Conv also inverts in fp64 on every sampling call and builds
+with the deprecated `Tensor.lu()`; `LUInvertibleConv1x1` applies W itself in the sampling direction
+and needs an inverse only for `log_prob`.
+
+Multiscale layout ("squeeze-all"): the whole tensor is always present. A layer of level l acts on the
+first `channels` channels only and passes the rest (the latents factored out at finer levels)
+through untouched, so the normflows model stays one flat list over one tensor.
+
+Mixed precision: the invertible stream (z, the 1x1 mixing, the affine update, log-dets) stays in
+the parameters' dtype (fp32); only the coupling networks run under autocast (bf16). A bf16 stream
+would cost ~1e-2 round-trip error and bf16 log-dets.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from normflows.flows import Flow
+from torch import nn
+
+
+class Unconditional(Flow):
+    """A context-free normflows layer inside a conditional flow, optionally on the first channels only.
+
+    Args:
+        flow: a normflows `Flow` whose forward/inverse take only z, e.g. `AffineConstFlow`, `Squeeze`.
+        channels: apply it to z[:, :channels] and pass z[:, channels:] through; None: to all of z.
+    Shapes: z (B, C, h, w) -> (B, C, h, w) (a Squeeze changes C, h, w), log_det (B,) or a scalar.
+    """
+
+    def __init__(self, flow: Flow, channels: int | None = None):
+        super().__init__()
+        self.flow = flow
+        self.channels = channels
+
+    def _run(self, fn, z):
+        # normflows' Squeeze reshapes with .view, which needs contiguous memory (x from a caller may not be)
+        z = z.contiguous()
+        if self.channels is None or self.channels == z.shape[1]:
+            return fn(z)
+        h, log_det = fn(z[:, : self.channels])
+        return torch.cat([h, z[:, self.channels:]], 1), log_det
+
+    def forward(self, z, context=None):
+        return self._run(self.flow.forward, z)
+
+    def inverse(self, z, context=None):
+        return self._run(self.flow.inverse, z)
+
+
+class LUInvertibleConv1x1(Flow):
+    """Invertible 1x1 convolution x = W z per pixel on the first `channels` channels, W = P L (U + diag(s)).
+
+    Glow (Kingma & Dhariwal 2018, sec. 3.2), LU-parametrised: log|det| = h * w * sum(log|s|) costs
+    nothing, and the sampling direction applies W itself (no inverse); `inverse` solves with the
+    small C x C matrix. Initialised at a random rotation (log-det 0), as in Glow.
+
+    Args:
+        channels: C, the number of channels mixed; the others pass through.
+    Shapes: z (B, >= C, h, w) -> x (B, >= C, h, w), log_det (B,).
+    """
+
+    def __init__(self, channels: int):
+        super().__init__()
+        self.channels = channels
+        q, _ = torch.linalg.qr(torch.randn(channels, channels))
+        p, l, u = torch.linalg.lu(q)
+        s = torch.diagonal(u)
+        self.register_buffer("perm", p)  # fixed: a permutation cannot be learned by gradient
+        self.register_buffer("sign_s", torch.sign(s))
+        self.lower = nn.Parameter(torch.tril(l, -1))
+        self.upper = nn.Parameter(torch.triu(u, 1))
+        self.log_s = nn.Parameter(s.abs().log())
+
+    def weight(self) -> torch.Tensor:
+        """W (C, C), assembled in the parameters' dtype."""
+        eye = torch.eye(self.channels, dtype=self.log_s.dtype, device=self.log_s.device)
+        l = torch.tril(self.lower, -1) + eye
+        u = torch.triu(self.upper, 1) + torch.diag(self.sign_s * self.log_s.exp())
+        return self.perm @ l @ u
+
+    def _mix(self, z, w, sign):
+        # autocast off: W and the stream stay in fp32 (a bf16 W would break W^-1 W = I and the log-det);
+        # the op is C x C per pixel, memory-bound, so fp32 costs nothing that matters
+        with torch.autocast(z.device.type, enabled=False):
+            w = w.to(z.dtype)
+            n = self.channels
+            h = F.conv2d(z[:, :n], w[:, :, None, None])
+            if n != z.shape[1]:
+                h = torch.cat([h, z[:, n:]], 1)
+            log_det = sign * z.shape[2] * z.shape[3] * self.log_s.sum()
+        return h, log_det.expand(z.shape[0])
+
+    def forward(self, z, context=None):
+        with torch.autocast(z.device.type, enabled=False):
+            w = self.weight()
+        return self._mix(z, w, 1.0)
+
+    def inverse(self, x, context=None):
+        with torch.autocast(x.device.type, enabled=False):
+            w_inv = torch.linalg.inv(self.weight())
+        return self._mix(x, w_inv, -1.0)
+
+
+class ConditionalAffineCoupling(Flow):
+    """Affine coupling whose network also sees the measurement's features at this resolution.
+
+    On the first `channels` channels of z, split into halves (a, b):
+        (raw, t) = NN([a, c]),   s = clamp * tanh(raw / clamp),   x_b = z_b * exp(s) + t,   x_a = z_a,
+    log|det| = sum s. RealNVP (Dinh et al. 2017) with a conditioning input (as in SRFlow, Lugmayr
+    et al. 2020); the soft clamp bounds |s| by `clamp` while letting the flow contract as well as
+    expand (normflows' sigmoid scale can only expand, its exp scale is unbounded: LIBRARY-NOTES).
+    The last conv is zero-initialised, so the layer starts as the identity.
+
+    Args:
+        channels: C (even), channels coupled; the rest of z passes through.
+        cond_channels: channels of the context feature map `context[level]` (B, cond_channels, h, w).
+        hidden_channels: width of the coupling network.
+        clamp: bound on |s|.
+        level: which item of the context tuple this layer reads.
+    Shapes: z (B, >= C, h, w) -> x (B, >= C, h, w), log_det (B,).
+    """
+
+    def __init__(self, channels: int, cond_channels: int, hidden_channels: int, clamp: float, level: int):
+        super().__init__()
+        self.channels, self.half, self.clamp, self.level = channels, channels // 2, float(clamp), level
+        self.net = nn.Sequential(
+            nn.Conv2d(self.half + cond_channels, hidden_channels, 3, padding=1),
+            nn.ReLU(),
+            nn.Conv2d(hidden_channels, hidden_channels, 1),
+            nn.ReLU(),
+            nn.Conv2d(hidden_channels, 2 * (channels - self.half), 3, padding=1),
+        )
+        nn.init.zeros_(self.net[-1].weight)
+        nn.init.zeros_(self.net[-1].bias)
+
+    def _scale_shift(self, z_a, context):
+        h = self.net(torch.cat([z_a, context[self.level].to(z_a.dtype)], 1))
+        # the affine update and log-det in the stream's dtype, even when the network ran in bf16
+        raw, t = h.to(z_a.dtype).chunk(2, 1)
+        return self.clamp * torch.tanh(raw / self.clamp), t
+
+    def forward(self, z, context=None):
+        n, k = self.channels, self.half
+        z_a, z_b = z[:, :k], z[:, k:n]
+        s, t = self._scale_shift(z_a, context)
+        x_b = z_b * s.exp() + t
+        return torch.cat([z_a, x_b, z[:, n:]], 1), s.flatten(1).sum(1)
+
+    def inverse(self, x, context=None):
+        n, k = self.channels, self.half
+        x_a, x_b = x[:, :k], x[:, k:n]
+        s, t = self._scale_shift(x_a, context)
+        z_b = (x_b - t) * (-s).exp()
+        return torch.cat([x_a, z_b, x[:, n:]], 1), -s.flatten(1).sum(1)

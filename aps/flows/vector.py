@@ -1,0 +1,105 @@
+"""A conditional flow for vectors: rational-quadratic spline couplings on a linear-Gaussian frame.
+
+Layers, in the sampling direction z -> x (normflows' forward):
+
+    z ~ N(0, I)  ->  [spline coupling(context = y) -> permutation] x n_layers  ->  u
+    u  ->  x = m(y) + L u                         (GaussianFrame: fixed, from the moments)
+
+The last layer is the exact posterior of a Gaussian with the prior's mean and covariance under the
+linear operator (mean m(y) linear in y, covariance L L^T). It puts the flow's working space u where
+the posterior has unit scale in every direction: narrow along A's rows, broad elsewhere
+(LIBRARY-NOTES: at d = 20 the error sat inside the mode for lack of exactly this). The splines
+(Durkan et al. 2019, "Neural Spline Flows") then only warp a unit-scale density into the multimodal
+one; they contract as well as expand, unlike normflows' sigmoid affine coupling.
+"""
+from __future__ import annotations
+
+import normflows as nf
+import torch
+
+from .base import ConditionalFlow
+
+
+class GaussianFrame(nf.flows.Flow):
+    """x = M y + b + L u (forward, z -> x direction) with fixed M (d, dy), b (d,), lower-triangular L (d, d).
+
+    The context is y standardised as (y - y_mean) / y_scale; this layer undoes that itself.
+    """
+
+    def __init__(self, d: int, dy: int):
+        super().__init__()
+        self.register_buffer("M", torch.zeros(d, dy))
+        self.register_buffer("b", torch.zeros(d))
+        self.register_buffer("L", torch.eye(d))
+        self.register_buffer("y_mean", torch.zeros(dy))
+        self.register_buffer("y_scale", torch.ones(dy))
+
+    def _mean(self, context):
+        return (context * self.y_scale + self.y_mean) @ self.M.T + self.b
+
+    def _log_det(self, n, like):
+        return torch.log(torch.diagonal(self.L)).sum().expand(n).to(like.dtype)
+
+    def forward(self, z, context=None):
+        return self._mean(context) + z @ self.L.T, self._log_det(len(z), z)
+
+    def inverse(self, x, context=None):
+        u = torch.linalg.solve_triangular(self.L, (x - self._mean(context)).T, upper=False).T
+        return u, -self._log_det(len(x), x)
+
+    @torch.no_grad()
+    def fit(self, prior_mean, prior_cov, A=None, sigma_y=None):
+        """Set the frame to the Gaussian posterior N(m(y), S) of N(prior_mean, prior_cov) under y = A x + sigma_y n.
+
+        Without A (a nonlinear operator), the frame is the prior's moments alone: x = mean + chol(cov) u.
+        """
+        m, c = prior_mean.double(), prior_cov.double()
+        if A is None:
+            self.b.copy_(m)
+            self.L.copy_(torch.linalg.cholesky(c))
+            return
+        a = A.double()
+        gram = a @ c @ a.T + sigma_y ** 2 * torch.eye(a.shape[0], dtype=torch.float64)
+        gain = torch.linalg.solve(gram, a @ c).T  # C A^T G^-1, (d, dy)
+        cov = c - gain @ a @ c
+        self.M.copy_(gain)
+        self.b.copy_(m - gain @ (a @ m))
+        self.L.copy_(torch.linalg.cholesky(0.5 * (cov + cov.T)))
+        self.y_mean.copy_(a @ m)
+        self.y_scale.copy_(torch.diagonal(gram).sqrt())
+
+
+class ConditionalVectorFlow(ConditionalFlow):
+    """q_phi(x | y) for x in R^d and y in R^dy (Durkan et al. 2019 couplings, conditioned on y).
+
+    Args:
+        d, dy: dimensions of x and y. n_layers: spline couplings. hidden: width of each coupling's
+        residual net (num_blocks residual blocks). bins: spline bins. tail_bound: the splines act on
+        [-B, B] in the frame's unit-scale space and are linear outside.
+    """
+
+    def __init__(self, d: int, dy: int, n_layers: int = 8, hidden: int = 128, num_blocks: int = 2,
+                 bins: int = 16, tail_bound: float = 5.0):
+        super().__init__()
+        self.args = dict(d=d, dy=dy, n_layers=n_layers, hidden=hidden, num_blocks=num_blocks,
+                         bins=bins, tail_bound=tail_bound)
+        self.event_shape, self.y_shape = (d,), (dy,)
+        layers = []
+        for i in range(n_layers):
+            layers.append(nf.flows.CoupledRationalQuadraticSpline(
+                d, num_blocks, hidden, num_context_channels=dy, num_bins=bins, tail_bound=tail_bound,
+                reverse_mask=bool(i % 2)))
+            if d > 2:  # alternating masks already mix both halves when d == 2
+                layers.append(nf.flows.Permute(d, mode="shuffle"))
+        layers.append(GaussianFrame(d, dy))
+        self.nf = nf.ConditionalNormalizingFlow(nf.distributions.DiagGaussian(d, trainable=False), layers)
+
+    @property
+    def frame(self) -> GaussianFrame:
+        return self.nf.flows[-1]
+
+    def encode(self, y):
+        return (y - self.frame.y_mean) / self.frame.y_scale
+
+    def config(self):
+        return {"type": "vector", **self.args}

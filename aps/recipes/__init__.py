@@ -1,0 +1,1 @@
+"""Training recipes for the pieces aps ships (the frozen priors): configs and reusable steps, no loops."""

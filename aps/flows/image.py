@@ -32,7 +32,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..errors import ApsError
-from .base import ConditionalFlow
+from .base import ConditionalFlow, standard_normal_log_prob
 from .layers import ConditionalAffineCoupling, LUInvertibleConv1x1, Unconditional
 
 Y_KINDS = ("image", "small_image", "vector", "class")
@@ -208,6 +208,16 @@ class ConditionalGlow(ConditionalFlow):
         if extra is not None and not self.extra_channels:
             raise ApsError("this flow was built with extra_channels=0 and takes no extra feature image")
         return self.encoder(y, extra)
+
+    def forward(self, z: torch.Tensor, y: torch.Tensor):
+        """Sampling direction: z (B * n, C, H, W), y (B, *y_shape) -> x (B * n, C, H, W), log_q (B * n,).
+
+        As `ConditionalFlow.forward`, but the context is not repeated n times: the couplings broadcast
+        it over the n samples of each measurement, which saves the memory and the conditioning convs
+        of n - 1 copies.
+        """
+        x, log_det = self.nf.forward_and_log_det(z, context=self.encode(y))
+        return x, standard_normal_log_prob(z) - log_det
 
     def config(self) -> dict:
         return dict(event_shape=list(self.event_shape), y_shape=list(self.y_shape), **self._args)

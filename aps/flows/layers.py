@@ -114,7 +114,7 @@ class ConditionalAffineCoupling(Flow):
     """Affine coupling whose network also sees the measurement's features at this resolution.
 
     On the first `channels` channels of z, split into halves (a, b):
-        (raw, t) = NN([a, c]),   s = clamp * tanh(raw / clamp),   x_b = z_b * exp(s) + t,   x_a = z_a,
+        (raw, t) = NN(z_a, c),   s = clamp * tanh(raw / clamp),   x_b = z_b * exp(s) + t,   x_a = z_a,
     log|det| = sum s. RealNVP (Dinh et al. 2017) with a conditioning input (as in SRFlow, Lugmayr
     et al. 2020); the soft clamp bounds |s| by `clamp` while letting the flow contract as well as
     expand (normflows' sigmoid scale can only expand, its exp scale is unbounded: LIBRARY-NOTES).
@@ -122,7 +122,8 @@ class ConditionalAffineCoupling(Flow):
 
     Args:
         channels: C (even), channels coupled; the rest of z passes through.
-        cond_channels: channels of the context feature map `context[level]` (B, cond_channels, h, w).
+        cond_channels: channels of the context feature map `context[level]` (B', cond_channels, h, w), where
+            B' is z's batch or divides it (then z's rows i*n .. i*n + n - 1 belong to context row i).
         hidden_channels: width of the coupling network.
         clamp: bound on |s|.
         level: which item of the context tuple this layer reads.
@@ -132,8 +133,11 @@ class ConditionalAffineCoupling(Flow):
     def __init__(self, channels: int, cond_channels: int, hidden_channels: int, clamp: float, level: int):
         super().__init__()
         self.channels, self.half, self.clamp, self.level = channels, channels // 2, float(clamp), level
+        # the measurement enters through a 1x1 conv added to the 3x3 conv of z_a: its features already
+        # carry spatial context from the encoder, and a 3x3 over them would be most of the flow's compute
+        self.in_z = nn.Conv2d(self.half, hidden_channels, 3, padding=1)
+        self.in_c = nn.Conv2d(cond_channels, hidden_channels, 1, bias=False)
         self.net = nn.Sequential(
-            nn.Conv2d(self.half + cond_channels, hidden_channels, 3, padding=1),
             nn.ReLU(),
             nn.Conv2d(hidden_channels, hidden_channels, 1),
             nn.ReLU(),
@@ -143,7 +147,14 @@ class ConditionalAffineCoupling(Flow):
         nn.init.zeros_(self.net[-1].bias)
 
     def _scale_shift(self, z_a, context):
-        h = self.net(torch.cat([z_a, context[self.level].to(z_a.dtype)], 1))
+        h = self.in_z(z_a)  # (B * n, hidden, h, w)
+        c = self.in_c(context[self.level])  # (B, hidden, h, w), B dividing B * n
+        if c.shape[0] != h.shape[0]:
+            # n samples per measurement (rows i*n .. i*n + n - 1 share y_i): broadcast instead of repeating
+            h = (h.unflatten(0, (c.shape[0], -1)) + c[:, None]).flatten(0, 1)
+        else:
+            h = h + c
+        h = self.net(h)
         # the affine update and log-det in the stream's dtype, even when the network ran in bf16
         raw, t = h.to(z_a.dtype).chunk(2, 1)
         return self.clamp * torch.tanh(raw / self.clamp), t

@@ -220,4 +220,5 @@ class ConditionalGlow(ConditionalFlow):
         return x, standard_normal_log_prob(z) - log_det
 
     def config(self) -> dict:
-        return dict(event_shape=list(self.event_shape), y_shape=list(self.y_shape), **self._args)
+        """{"type": "glow", constructor arguments}: `aps.checkpoint.build_flow` rebuilds the flow from it."""
+        return dict(type="glow", event_shape=list(self.event_shape), y_shape=list(self.y_shape), **self._args)

@@ -3,7 +3,7 @@
     accelerate launch scripts/train_prior.py --out checkpoints/mnist-prior --max-seconds 540
     python scripts/train_prior.py --steps 20 --batch-size 8 --cpu --out /tmp/prior   # CPU smoke run
 
-Saves the EMA weights in the DDPMPipeline layout (<out>/unet, <out>/scheduler), loadable with
+Saves the EMA weights in the DDPMPipeline layout (<out>/model_index.json, unet/, scheduler/), loadable with
 aps.priors.DiffusersPrior.from_pretrained(out) or diffusers.DDPMPipeline.from_pretrained(out),
 plus <out>/train_config.json (config, steps, images seen, time, loss history).
 """
@@ -24,6 +24,7 @@ from tqdm.auto import tqdm
 
 from aps.data import load_mnist
 from aps.errors import ApsError
+from aps.priors.diffusers_prior import save_pipeline
 from aps.recipes.prior import PriorTrainConfig, augment, eps_loss, lr_factor, make_scheduler, make_unet
 
 
@@ -32,8 +33,7 @@ def save_ema(ema: EMAModel, unet, scheduler, cfg: PriorTrainConfig, stats: dict)
     out = Path(cfg.out)
     ema_unet = UNet2DModel.from_config(unet.config)
     ema.copy_to(ema_unet.parameters())
-    ema_unet.save_pretrained(out / "unet", safe_serialization=True)
-    scheduler.save_pretrained(out / "scheduler")
+    save_pipeline(ema_unet, scheduler, out)  # model_index.json, unet/, scheduler/
     (out / "train_config.json").write_text(json.dumps({"config": cfg.to_dict(), **stats}, indent=2) + "\n")
 
 

@@ -132,9 +132,6 @@ def test_agreement_with_the_exact_mixture_prior():
         got = wrapped.elbo(x.reshape(64, 1, 2, 2), n_draws=8, sampling=sampling,
                            generator=torch.Generator().manual_seed(7))
         torch.testing.assert_close(got, ref)
-    # and the bound is (nearly) tight with the exact eps: the ELBO sits just above -log p
-    elbo = wrapped.elbo(x.reshape(64, 1, 2, 2), n_draws=256, generator=torch.Generator().manual_seed(1))
-    assert (elbo.mean() + mixture.log_prob(x).mean()).abs() < 0.1
 
 
 def test_bits_per_dim_change_of_variables():

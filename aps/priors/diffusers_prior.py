@@ -89,7 +89,8 @@ class DiffusersPrior(Prior):
         if tuple(x_t.shape[1:]) != self.event_shape:
             raise ApsError(f"DiffusersPrior expects x_t of shape (B, {', '.join(map(str, self.event_shape))}), "
                            f"got {tuple(x_t.shape)}")
-        weight_dtype = next(self.unet.parameters()).dtype
+        weight = next(self.unet.parameters(), None)
+        weight_dtype = x_t.dtype if weight is None else weight.dtype
         t = torch.as_tensor(t, device=x_t.device).to(torch.float32).expand(x_t.shape[0])
         amp = (torch.autocast(device_type=x_t.device.type, dtype=torch.bfloat16)
                if self.autocast_bf16 else contextlib.nullcontext())
@@ -108,7 +109,8 @@ class DiffusersPrior(Prior):
         from diffusers import DDPMScheduler
         from diffusers.utils.torch_utils import randn_tensor
 
-        device = next(self.unet.parameters()).device
+        weight = next(self.unet.parameters(), None)
+        device = torch.device("cpu") if weight is None else weight.device
         sched = DDPMScheduler.from_config(self.scheduler.config)
         sched.set_timesteps(num_inference_steps or self.schedule.num_timesteps, device=device)
         x = randn_tensor((n, *self.event_shape), generator=generator, device=device, dtype=torch.float32)
@@ -162,16 +164,26 @@ class DiffusersPrior(Prior):
         return cls.from_pretrained(config["path"], **options)
 
     def save_pretrained(self, folder) -> None:
-        """Write folder/unet (config.json + safetensors) and folder/scheduler (scheduler_config.json)."""
-        folder = Path(folder)
-        self.unet.save_pretrained(folder / "unet", safe_serialization=True)
-        self.scheduler.save_pretrained(folder / "scheduler")
+        """Write folder/unet (config.json + safetensors), folder/scheduler and model_index.json (DDPMPipeline)."""
+        save_pipeline(self.unet, self.scheduler, folder)
         if self.path is None:
             self.path = str(folder)
 
     def config(self) -> dict:
         """What a checkpoint records to name this prior: {"type": "diffusers", "path": ...}."""
         return {"type": "diffusers", "path": self.path}
+
+
+def save_pipeline(unet, scheduler, folder) -> None:
+    """Save a UNet and its scheduler in the DDPMPipeline layout (model_index.json, unet/, scheduler/)."""
+    from diffusers import DDPMPipeline, ModelMixin
+
+    folder = Path(folder)
+    if isinstance(unet, ModelMixin):
+        DDPMPipeline(unet=unet, scheduler=scheduler).save_pretrained(folder, safe_serialization=True)
+    else:  # a plain module with save_pretrained (tests): no pipeline index
+        unet.save_pretrained(folder / "unet")
+        scheduler.save_pretrained(folder / "scheduler")
 
 
 def _load_from_hub(hub_id: str):

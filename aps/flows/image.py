@@ -21,6 +21,11 @@ the first call runs under autocast and differs per rank under DDP (LIBRARY-NOTES
 trained by reverse KL has no data batch to initialise from anyway. With zero-initialised coupling
 outputs and identity ActNorms the flow starts as a random rotation per pixel block: x = Q z, log_q =
 log N(z).
+
+Speed (the sampler draws thousands of x per y): y is encoded once and its maps are broadcast over
+the n samples of each measurement inside the couplings (`forward` does not repeat the context);
+the maps enter each coupling through a 1x1 conv, since a 3x3 over them would be most of the
+compute; the invertible stream stays fp32 and only the coupling networks run in bf16 under autocast.
 """
 from __future__ import annotations
 

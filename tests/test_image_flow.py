@@ -180,3 +180,14 @@ def test_bad_arguments():
         flow.sample(make_y("vector", 1), n=1)
     with pytest.raises(ApsError):
         make_flow("image").sample(torch.randn(1, 1, 8, 8), n=1)
+
+
+def test_checkpoint_save_and_load(tmp_path):
+    from aps.checkpoint import load_flow, save_checkpoint
+
+    flow = make_flow("class")
+    save_checkpoint(tmp_path, flow, task={}, train={}, step=0)
+    loaded, _ = load_flow(tmp_path)
+    y, z = make_y("class", 2), torch.randn(4, *EVENT)
+    with torch.no_grad():
+        assert torch.equal(flow(z, y)[0], loaded(z, y)[0])

@@ -83,6 +83,8 @@ def test_inpaint_box_mask_in_y():
     assert (mask[:, 4:12, 4:12] == 0).all() and mask.sum() == 2 * (256 - 64)  # centered box, half the side
     assert (y[:, :3][:, :, 4:12, 4:12] == 0).all()  # missing values are written as 0
     assert op.config()["box"] == [4, 4, 8, 8]
+    with pytest.raises(ApsError, match="0/1 mask"):
+        op.check_y(torch.cat([y[:, :3], 0.5 * y[:, 3:]], 1))
 
 
 def test_inpaint_random_masks():

@@ -28,6 +28,13 @@ class MaskedOperator(LinearImageOperator):
         c, h, w = self.x_shape
         self.y_shape = (c + 1, h, w)
 
+    def check_y(self, y):
+        """y itself, after checking its shape (B, C + 1, H, W), that it is finite and that its last channel is a 0/1 mask."""
+        y = super().check_y(y)
+        if not ((y[:, -1] == 0) | (y[:, -1] == 1)).all():
+            raise ApsError(f"{self.name}: the last channel of y must be the 0/1 mask of observed pixels")
+        return y
+
     def _mask(self, y: torch.Tensor | None, x: torch.Tensor) -> torch.Tensor:
         """The mask, (1, 1, H, W) if fixed, else (B, 1, H, W) read from y's last channel."""
         if self.fixed:

@@ -37,6 +37,7 @@ class TrainConfig:
     temper_start: float = _opt(0.02, "tempering: beta rises geometrically from this to 1 (1 = off)", "objective")
     temper_frac: float = _opt(0.5, "fraction of the steps over which beta reaches 1", "objective")
     fkl_weight: float = _opt(0.0, "weight of the mass-covering forward-KL term -log q(x|y) on data pairs", "objective")
+    aps_weight: float = _opt(1.0, "weight of the APS (reverse-KL) term; 0 trains by forward KL alone (a reference)", "objective")
     # -- optimisation
     steps: int = _opt(4000, "optimizer steps", "optimisation")
     batch_size: int = _opt(256, "measurements y per step (per process)", "optimisation")
@@ -72,8 +73,10 @@ class TrainConfig:
             raise ApsError(f"--temper-start must be in (0, 1], got {self.temper_start}")
         if not 0 < self.temper_frac <= 1:
             raise ApsError(f"--temper-frac must be in (0, 1], got {self.temper_frac}")
-        if self.fkl_weight < 0 or self.flow_tail_bound <= 0 or self.grad_clip < 0:
-            raise ApsError("--fkl-weight and --grad-clip must be >= 0 and --flow-tail-bound > 0")
+        if self.fkl_weight < 0 or self.aps_weight < 0 or self.flow_tail_bound <= 0 or self.grad_clip < 0:
+            raise ApsError("--fkl-weight, --aps-weight and --grad-clip must be >= 0 and --flow-tail-bound > 0")
+        if self.fkl_weight == 0 and self.aps_weight == 0:
+            raise ApsError("--aps-weight and --fkl-weight are both 0: nothing to train")
         return self
 
     def beta(self, step: int) -> float:

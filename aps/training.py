@@ -39,10 +39,12 @@ class APSModel(nn.Module):
         self.flow = flow
 
     def forward(self, y, prior, operator, cfg: TrainConfig, beta: float, x_pairs=None):
-        terms = objective.aps_terms(self.flow, prior, operator, y, n_z=cfg.n_z, n_elbo=cfg.n_elbo,
-                                    elbo_sampling=cfg.elbo_sampling, exact_prior=cfg.exact_prior)
-        loss = objective.aps_loss(terms, beta).mean()
-        out = {k: terms[k].detach().mean() for k in ("nll", "prior", "log_q")}
+        loss, out = 0.0, {}
+        if cfg.aps_weight > 0:
+            terms = objective.aps_terms(self.flow, prior, operator, y, n_z=cfg.n_z, n_elbo=cfg.n_elbo,
+                                        elbo_sampling=cfg.elbo_sampling, exact_prior=cfg.exact_prior)
+            loss = cfg.aps_weight * objective.aps_loss(terms, beta).mean()
+            out = {k: terms[k].detach().mean() for k in ("nll", "prior", "log_q")}
         if cfg.fkl_weight > 0 and x_pairs is not None:
             fkl = objective.forward_kl(self.flow, x_pairs, y).mean()
             loss = loss + cfg.fkl_weight * fkl

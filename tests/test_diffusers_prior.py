@@ -56,6 +56,14 @@ def test_loads_a_unet_folder_with_scheduler_config_beside(tmp_path):
     assert torch.equal(prior.eps(x, t), loaded.eps(x, t))
 
 
+def test_schedule_matches_the_scheduler_wherever_its_tensors_live():
+    scheduler = DDPMScheduler(num_train_timesteps=1000)
+    scheduler.alphas_cumprod = scheduler.alphas_cumprod.to(torch.float64)  # as add_noise leaves it, moved
+    prior = DiffusersPrior(tiny_unet(), scheduler)
+    ref = DiscreteSchedule.from_diffusers(DDPMScheduler(num_train_timesteps=1000))
+    torch.testing.assert_close(prior.schedule.alphas_cumprod, ref.alphas_cumprod)
+
+
 def test_weights_get_no_gradient_but_the_input_does():
     prior = tiny_prior(gradient_checkpointing=True)
     prior.train()  # an owner switching to train mode must not unfreeze it

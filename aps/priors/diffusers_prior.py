@@ -64,7 +64,8 @@ class DiffusersPrior(Prior):
             raise ApsError(f"DiffusersPrior needs an eps-prediction model; the scheduler says {prediction!r}")
         self.unet = unet
         self.scheduler = scheduler
-        self.schedule = DiscreteSchedule.from_diffusers(scheduler)
+        # A scheduler that ran add_noise on the GPU holds alphas_cumprod there; the schedule lives on the CPU.
+        self.schedule = DiscreteSchedule(scheduler.alphas_cumprod.detach().cpu())
         cfg = getattr(unet, "config", None)
         if cfg is None or "in_channels" not in cfg or "sample_size" not in cfg:
             raise ApsError("DiffusersPrior: the UNet's config must give in_channels and sample_size")

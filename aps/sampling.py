@@ -5,6 +5,7 @@ Sampling is seeded per measurement: the latents of measurement i come from a gen
 """
 from __future__ import annotations
 
+import itertools
 from pathlib import Path
 
 import torch
@@ -23,7 +24,7 @@ class PosteriorSampler:
 
     @property
     def device(self):
-        return next(self.flow.parameters()).device
+        return next(itertools.chain(self.flow.parameters(), self.flow.buffers())).device
 
     def to(self, device) -> "PosteriorSampler":
         self.flow.to(device)
@@ -45,7 +46,8 @@ class PosteriorSampler:
         `chunk` bounds the flow evaluations per forward pass (memory). Measurement i of this call is
         measurement first_index + i for seeding, so a data set split into calls gives the same samples.
         """
-        y = self.operator.check_y(torch.as_tensor(y)).to(self.device, next(self.flow.parameters()).dtype)
+        y = self.operator.check_y(torch.as_tensor(y)).to(self.device)
+        y = y.float() if y.is_floating_point() else y  # class labels stay integers
         if n < 1:
             raise ApsError(f"the number of samples must be at least 1, got {n}")
         xs, lqs = [], []
@@ -54,7 +56,7 @@ class PosteriorSampler:
             yb = y[start:start + per]
             z = torch.cat([self.latents(first_index + start + i, n, seed) for i in range(len(yb))])
             with torch.autocast(self.device.type, dtype=autocast_dtype, enabled=autocast_dtype is not None):
-                x, log_q = self.flow(z.to(self.device, y.dtype), yb)
+                x, log_q = self.flow(z.to(self.device), yb)
             xs.append(x.float().reshape(len(yb), n, *self.flow.event_shape))
             lqs.append(log_q.float().reshape(len(yb), n))
         x, log_q = torch.cat(xs), torch.cat(lqs)

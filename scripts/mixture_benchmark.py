@@ -36,17 +36,18 @@ def run_one(job):
     from aps.training import train
 
     spec, recipe, args = job
-    torch.set_num_threads(2)
+    torch.set_num_threads(args["threads"])  # many small jobs: one thread each beats oversubscription
     out = Path(args["out"]) / f"d{spec.replace(',', '_')}-{recipe}"
     overrides = dict(RECIPES[recipe])
     cfg = TrainConfig(mcgdiff=spec, out=str(out), steps=args["steps"], batch_size=args["batch_size"],
-                      lr=args["lr"], log_every=100, checkpoint_every=args["steps"], **overrides)
+                      lr=args["lr"], log_every=100, checkpoint_every=args["steps"], cpu=args["device"] == "cpu",
+                      flow_layers=args["flow_layers"], flow_hidden=args["flow_hidden"], **overrides)
     out.mkdir(parents=True, exist_ok=True)
     sys.stderr = open(out / "train.log", "w")  # progress bars of parallel jobs would interleave
     t0 = time.time()
     train(cfg)
     seconds = time.time() - t0
-    sampler = aps.load(out, device="cuda" if torch.cuda.is_available() else "cpu")
+    sampler = aps.load(out, device=args["device"])
     res = evaluate_mixture(sampler, load_problem(out / "problem.safetensors"), n_measurements=8, n_samples=4000)
     res.update(problem=spec, recipe=recipe, train_seconds=seconds, steps=args["steps"])
     (out / "eval.json").write_text(json.dumps(res, indent=1))
@@ -71,7 +72,12 @@ def main():
     p.add_argument("--steps", type=int, default=4000)
     p.add_argument("--batch-size", type=int, default=256)
     p.add_argument("--lr", type=float, default=1e-3)
+    p.add_argument("--flow-layers", type=int, default=8)
+    p.add_argument("--flow-hidden", type=int, default=128)
     p.add_argument("--workers", type=int, default=4, help="training processes at once")
+    p.add_argument("--threads", type=int, default=1, help="torch threads per process")
+    p.add_argument("--device", default="cpu", help="cpu or cuda (the flows are small and launch-bound: "
+                   "many CPU processes outrun one GPU)")
     p.add_argument("--out", default="results/mixture")
     args = p.parse_args()
     jobs = [(spec, recipe, vars(args)) for spec in args.problems for recipe in args.recipes]

@@ -10,6 +10,7 @@ Subclasses build `self.nf` (the normflows model, whose base q0 is a standard nor
 """
 from __future__ import annotations
 
+import itertools
 import math
 
 import torch
@@ -55,7 +56,7 @@ class ConditionalFlow(nn.Module):
     def sample(self, y: torch.Tensor, n: int, generator: torch.Generator | None = None):
         """n samples per measurement: y (B, *y_shape) -> x (B, n, *event_shape), log_q (B, n)."""
         b = y.shape[0]
-        ref = next(self.parameters())
+        ref = next(itertools.chain(self.parameters(), self.buffers()))  # device and dtype
         z = torch.randn(b, n, *self.event_shape, generator=generator, device=ref.device, dtype=ref.dtype)
         x, log_q = self(z.flatten(0, 1), y)
         return x.reshape(b, n, *self.event_shape), log_q.reshape(b, n)

@@ -28,6 +28,8 @@ class TrainConfig:
     flow_blocks: int = _opt(2, "residual blocks per coupling network", "flow")
     flow_bins: int = _opt(16, "rational-quadratic spline bins", "flow")
     flow_tail_bound: float = _opt(5.0, "spline interval [-B, B] in the Gaussian frame's unit-scale space", "flow")
+    flow_frame: str = _opt("moments", "frame scale: moments (the Gaussian posterior of the prior's moments) or "
+                           "component (one mixture component's posterior width)", "flow", ("moments", "component"))
     # -- objective
     n_z: int = _opt(4, "flow samples z per measurement y in each step", "objective")
     n_elbo: int = _opt(8, "(t, eps) draws per x for the prior's ELBO", "objective")
@@ -53,10 +55,12 @@ class TrainConfig:
     checkpoint_every: int = _opt(1000, "save the flow and the training state every N steps", "run")
     keep: int = _opt(2, "training states kept (older ones are deleted)", "run")
     log_every: int = _opt(50, "log the loss terms every N steps", "run")
+    max_seconds: float = _opt(0.0, "stop early (saving the flow) after this many seconds of training (0 = no limit)", "run")
     resume: bool = _opt(False, "continue the run in --out from its latest training state", "run")
     dry_run: bool = _opt(False, "print the resolved config and exit", "run")
 
-    ARCH_FIELDS = ("flow_layers", "flow_hidden", "flow_blocks", "flow_bins", "flow_tail_bound", "problem", "mcgdiff")
+    ARCH_FIELDS = ("flow_layers", "flow_hidden", "flow_blocks", "flow_bins", "flow_tail_bound", "flow_frame",
+                   "problem", "mcgdiff")
 
     def validate(self) -> "TrainConfig":
         """Raise ApsError on nonsense values (one line each)."""

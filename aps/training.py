@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import math
+import time
 from pathlib import Path
 
 import torch
@@ -70,7 +71,8 @@ def make_flow(cfg: TrainConfig, problem: MixtureProblem) -> ConditionalVectorFlo
     flow = ConditionalVectorFlow(d, dy, n_layers=cfg.flow_layers, hidden=cfg.flow_hidden,
                                  num_blocks=cfg.flow_blocks, bins=cfg.flow_bins, tail_bound=cfg.flow_tail_bound)
     mean, cov = problem.prior.moments()
-    flow.frame.fit(mean, cov, problem.operator.matrix(), problem.operator.sigma_y)
+    scale = problem.prior.component_posterior_cov(problem.operator) if cfg.flow_frame == "component" else None
+    flow.frame.fit(mean, cov, problem.operator.matrix(), problem.operator.sigma_y, scale_cov=scale)
     return flow
 
 
@@ -141,6 +143,7 @@ def train(cfg: TrainConfig) -> Path:
         if accelerator.is_main_process:
             save_checkpoint(out, accelerator.unwrap_model(model).flow, task, cfg.to_dict(), step)
 
+    t_start = time.monotonic()
     bar = tqdm(range(start, cfg.steps), initial=start, total=cfg.steps, disable=not accelerator.is_main_process)
     for step in bar:
         beta = cfg.beta(step)
@@ -160,8 +163,14 @@ def train(cfg: TrainConfig) -> Path:
             logs.update(beta=beta, lr=sched.get_last_lr()[0])
             accelerator.log(logs, step=step + 1)
             bar.set_postfix(loss=f"{logs['loss']:.3f}", beta=f"{beta:.3f}")
-        if (step + 1) % cfg.checkpoint_every == 0 or step + 1 == cfg.steps:
+        out_of_time = cfg.max_seconds > 0 and time.monotonic() - t_start > cfg.max_seconds
+        # every rank must agree to stop, or save_state would wait for a rank that has left the loop
+        out_of_time = bool(accelerator.reduce(torch.tensor(float(out_of_time), device=accelerator.device), "max"))
+        if (step + 1) % cfg.checkpoint_every == 0 or step + 1 == cfg.steps or out_of_time:
             save(step + 1)
+        if out_of_time:
+            accelerator.print(f"stopping at step {step + 1}: --max-seconds {cfg.max_seconds} reached")
+            break
     accelerator.end_training()
     return out
 

@@ -41,7 +41,8 @@ def run_one(job):
     overrides = dict(RECIPES[recipe])
     cfg = TrainConfig(mcgdiff=spec, out=str(out), steps=args["steps"], batch_size=args["batch_size"],
                       lr=args["lr"], log_every=100, checkpoint_every=args["steps"], cpu=args["device"] == "cpu",
-                      flow_layers=args["flow_layers"], flow_hidden=args["flow_hidden"], **overrides)
+                      flow_layers=args["flow_layers"], flow_hidden=args["flow_hidden"],
+                      max_seconds=args["max_seconds"], **overrides)
     out.mkdir(parents=True, exist_ok=True)
     sys.stderr = open(out / "train.log", "w")  # progress bars of parallel jobs would interleave
     t0 = time.time()
@@ -49,19 +50,20 @@ def run_one(job):
     seconds = time.time() - t0
     sampler = aps.load(out, device=args["device"])
     res = evaluate_mixture(sampler, load_problem(out / "problem.safetensors"), n_measurements=8, n_samples=4000)
-    res.update(problem=spec, recipe=recipe, train_seconds=seconds, steps=args["steps"])
+    steps_done = json.loads((out / "config.json").read_text())["step"]
+    res.update(problem=spec, recipe=recipe, train_seconds=seconds, steps=steps_done, batch_size=args["batch_size"])
     (out / "eval.json").write_text(json.dumps(res, indent=1))
     return res
 
 
 def table(results) -> str:
-    lines = ["| problem d,dy,seed | recipe | modes>=1% (mean) | TV mean / max | KL mean (nats) | SW / floor (mean) | prior TV | train s |",
-             "|---|---|---|---|---|---|---|---|"]
+    lines = ["| problem d,dy,seed | recipe | modes>=1% (mean) | TV mean / max | KL mean (nats) | SW / floor (mean) | prior TV | steps x batch | train s |",
+             "|---|---|---|---|---|---|---|---|---|"]
     for r in results:
         f, p = r["summary"]["flow"], r["summary"]["prior"]
         lines.append(f"| {r['problem']} | {r['recipe']} | {f['modes']['mean']:.2f} | {f['tv']['mean']:.3f} / "
                      f"{f['tv']['max']:.3f} | {f['kl']['mean']:.3f} | {f['sw']['mean']:.3f} / {f['sw_floor']['mean']:.3f} "
-                     f"({f['sw_over_floor']['mean']:.2f}x) | {p['tv']['mean']:.3f} | {r['train_seconds']:.0f} |")
+                     f"({f['sw_over_floor']['mean']:.2f}x) | {p['tv']['mean']:.3f} | {r['steps']}x{r['batch_size']} | {r['train_seconds']:.0f} |")
     return "\n".join(lines)
 
 
@@ -74,6 +76,7 @@ def main():
     p.add_argument("--lr", type=float, default=1e-3)
     p.add_argument("--flow-layers", type=int, default=8)
     p.add_argument("--flow-hidden", type=int, default=128)
+    p.add_argument("--max-seconds", type=float, default=0.0, help="training time limit per job (0 = none)")
     p.add_argument("--workers", type=int, default=4, help="training processes at once")
     p.add_argument("--threads", type=int, default=1, help="torch threads per process")
     p.add_argument("--device", default="cpu", help="cpu or cuda (the flows are small and launch-bound: "

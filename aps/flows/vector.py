@@ -48,15 +48,17 @@ class GaussianFrame(nf.flows.Flow):
         return u, -self._log_det(len(x), x)
 
     @torch.no_grad()
-    def fit(self, prior_mean, prior_cov, A=None, sigma_y=None):
+    def fit(self, prior_mean, prior_cov, A=None, sigma_y=None, scale_cov=None):
         """Set the frame to the Gaussian posterior N(m(y), S) of N(prior_mean, prior_cov) under y = A x + sigma_y n.
 
         Without A (a nonlinear operator), the frame is the prior's moments alone: x = mean + chol(cov) u.
+        `scale_cov`, if given, replaces S as the frame's scale L L^T (e.g. the width of one mixture
+        component's posterior, so that separate modes land several units apart in u).
         """
         m, c = prior_mean.double(), prior_cov.double()
         if A is None:
             self.b.copy_(m)
-            self.L.copy_(torch.linalg.cholesky(c))
+            self.L.copy_(torch.linalg.cholesky(c if scale_cov is None else scale_cov.double()))
             return
         a = A.double()
         gram = a @ c @ a.T + sigma_y ** 2 * torch.eye(a.shape[0], dtype=torch.float64)
@@ -64,6 +66,7 @@ class GaussianFrame(nf.flows.Flow):
         cov = c - gain @ a @ c
         self.M.copy_(gain)
         self.b.copy_(m - gain @ (a @ m))
+        cov = cov if scale_cov is None else scale_cov.double()
         self.L.copy_(torch.linalg.cholesky(0.5 * (cov + cov.T)))
         self.y_mean.copy_(a @ m)
         self.y_scale.copy_(torch.diagonal(gram).sqrt())

@@ -105,6 +105,16 @@ class GaussianMixturePrior(Prior):
         cov = torch.diag(w @ v) + (w[:, None] * centred).T @ centred
         return mean, cov
 
+    def component_posterior_cov(self, operator) -> torch.Tensor:
+        """Weight-averaged covariance of one component's posterior under a linear operator, (d, d), float64.
+
+        The width of a single posterior mode: the natural unit for a flow's working space.
+        """
+        a = operator.matrix().double()
+        s2 = float(operator.sigma_y) ** 2
+        prec = torch.diag_embed(1.0 / self.variances.double()) + a.T @ a / s2  # (K, d, d)
+        return torch.einsum("k,kij->ij", self.log_weights.double().exp(), torch.linalg.inv(prec))
+
     def posterior(self, operator, y) -> "MixturePosterior":
         """Exact p(x | y) for a linear operator with Gaussian noise: a full-covariance mixture per y.
 

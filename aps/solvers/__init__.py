@@ -1,0 +1,12 @@
+"""Comparison solvers on the same frozen prior as APS: DPS, the consistency-model solvers, and the
+consistency models they use (the exact ODE one of a mixture, a distilled network). See SOLVERS.md."""
+from .base import Solver, measurement_loss
+from .cm_dps import CMDPS
+from .cm_inversion import CMInversion
+from .dps import DPS
+from .edm import EDMDenoiser, karras_sigmas
+from .exact_cm import ExactConsistency, pf_ode
+from .prior_samples import PriorSamples
+
+__all__ = ["Solver", "measurement_loss", "CMDPS", "CMInversion", "DPS", "EDMDenoiser", "karras_sigmas",
+           "ExactConsistency", "pf_ode", "PriorSamples"]

@@ -2,8 +2,11 @@
 __version__ = "0.1.0"
 
 
-def load(path, device="cpu"):
-    """Load a trained flow checkpoint: `aps.load(path).sample(y, n)` -> (B, n, *event_shape), log_q."""
+def load(path, device="cpu", prior=None, operator=None):
+    """Load a trained flow checkpoint: `aps.load(path).sample(y, n)` -> (B, n, *event_shape), log_q.
+
+    prior / operator, if given, are checked to be the ones the flow was trained for (aps.sampling.load).
+    """
     from .sampling import load as _load
 
-    return _load(path, device)
+    return _load(path, device, prior=prior, operator=operator)

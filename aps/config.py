@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import json
 from dataclasses import dataclass, field
 
 from .errors import ApsError
@@ -21,6 +22,11 @@ class TrainConfig:
     # -- main: what to train for
     problem: str = _opt("", "mixture problem file (.npz/.safetensors: means, weights, variances, A, sigma_y)", "main")
     mcgdiff: str = _opt("", "or make an MCGdiff mixture problem: 'd,dy,seed' (saved into --out)", "main")
+    prior: str = _opt("", "or train for images: a diffusers prior folder (unet/ + scheduler/), e.g. checkpoints/mnist-prior", "main")
+    operator: str = _opt("", "with --prior: the operator's name (denoise, inpaint_box, inpaint_random, sr, deblur, cs, classifier)", "main")
+    op_arg: list = _opt(None, "with --operator: one operator parameter as key=value (JSON value), repeatable, "
+                        "e.g. --op-arg factor=4 --op-arg sigma_y=0.1", "main")
+    data: str = _opt("mnist", "with --prior: clean images x (train split only): mnist, digits8 or an image folder", "main")
     out: str = _opt("runs/aps", "output folder: config.json, flow.safetensors, training state, logs", "main")
     # -- flow architecture (restored from the checkpoint on --resume)
     flow_layers: int = _opt(8, "spline coupling layers", "flow")
@@ -30,6 +36,13 @@ class TrainConfig:
     flow_tail_bound: float = _opt(5.0, "spline interval [-B, B] in the Gaussian frame's unit-scale space", "flow")
     flow_frame: str = _opt("moments", "frame scale: moments (the Gaussian posterior of the prior's moments) or "
                            "component (one mixture component's posterior width)", "flow", ("moments", "component"))
+    # -- image flow (ConditionalGlow; restored from the checkpoint on --resume)
+    glow_levels: int = _opt(3, "multiscale levels (H and W must be divisible by 2^levels)", "image flow")
+    glow_steps: int = _opt(8, "Glow steps (ActNorm, 1x1 conv, coupling) per level", "image flow")
+    glow_hidden: int = _opt(64, "channels of each coupling network", "image flow")
+    glow_cond: int = _opt(32, "channels of the measurement features", "image flow")
+    glow_clamp: float = _opt(2.0, "soft bound on each coupling's log-scale", "image flow")
+    backprojection: bool = _opt(False, "also feed A^T y (the adjoint of a linear operator) to the flow's encoder", "image flow")
     # -- objective
     n_z: int = _opt(4, "flow samples z per measurement y in each step", "objective")
     n_elbo: int = _opt(8, "(t, eps) draws per x for the prior's ELBO", "objective")
@@ -55,19 +68,36 @@ class TrainConfig:
     checkpoint_every: int = _opt(1000, "save the flow and the training state every N steps", "run")
     keep: int = _opt(2, "training states kept (older ones are deleted)", "run")
     log_every: int = _opt(50, "log the loss terms every N steps", "run")
-    max_seconds: float = _opt(0.0, "stop early (saving the flow) after this many seconds of training (0 = no limit)", "run")
+    sample_every: int = _opt(500, "image tasks: save a PNG grid of posterior samples (and log it) every N steps (0 = off)", "run")
+    ema_decay: float = _opt(0.999, "EMA of the flow's weights, saved as the flow (0 = off; warms up as (1+n)/(10+n))", "run")
+    max_seconds: float = _opt(0.0, "stop (saving the flow) after this many seconds of training (0 = no limit); the LR "
+                              "decay and tempering then follow whichever of steps or time runs out first", "run")
     resume: bool = _opt(False, "continue the run in --out from its latest training state", "run")
     dry_run: bool = _opt(False, "print the resolved config and exit", "run")
 
+    TASK_FIELDS = ("problem", "mcgdiff", "prior", "operator", "op_arg", "data")
     ARCH_FIELDS = ("flow_layers", "flow_hidden", "flow_blocks", "flow_bins", "flow_tail_bound", "flow_frame",
-                   "problem", "mcgdiff")
+                   "glow_levels", "glow_steps", "glow_hidden", "glow_cond", "glow_clamp", "backprojection") + TASK_FIELDS
+
+    def __post_init__(self):
+        self.op_arg = list(self.op_arg or [])
+
+    @property
+    def is_image(self) -> bool:
+        return bool(self.prior)
 
     def validate(self) -> "TrainConfig":
         """Raise ApsError on nonsense values (one line each)."""
-        if not (self.problem or self.mcgdiff):
-            raise ApsError("say what to train for: --problem FILE or --mcgdiff d,dy,seed")
+        if sum(bool(v) for v in (self.problem, self.mcgdiff, self.prior)) != 1:
+            raise ApsError("say what to train for: --problem FILE, --mcgdiff d,dy,seed, or --prior FOLDER --operator NAME")
+        if bool(self.prior) != bool(self.operator):
+            raise ApsError("--prior and --operator go together (images), e.g. --prior checkpoints/mnist-prior --operator sr")
+        if self.op_arg and not self.operator:
+            raise ApsError("--op-arg needs --operator")
+        self.operator_args()  # parse errors now, not after the prior has loaded
         positive = ("flow_layers", "flow_hidden", "flow_blocks", "flow_bins", "n_z", "n_elbo", "steps",
-                    "batch_size", "grad_accum", "checkpoint_every", "keep", "log_every")
+                    "batch_size", "grad_accum", "checkpoint_every", "keep", "log_every", "glow_levels",
+                    "glow_steps", "glow_hidden", "glow_cond")
         for name in positive:
             if getattr(self, name) < 1:
                 raise ApsError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(self, name)}")
@@ -81,11 +111,30 @@ class TrainConfig:
             raise ApsError("--fkl-weight, --aps-weight and --grad-clip must be >= 0 and --flow-tail-bound > 0")
         if self.fkl_weight == 0 and self.aps_weight == 0:
             raise ApsError("--aps-weight and --fkl-weight are both 0: nothing to train")
+        if not 0 <= self.ema_decay < 1 or self.sample_every < 0 or self.glow_clamp <= 0:
+            raise ApsError("--ema-decay must be in [0, 1), --sample-every >= 0 and --glow-clamp > 0")
         return self
+
+    def operator_args(self) -> dict:
+        """--op-arg key=value pairs as a dict; values are read as JSON (4, 0.1, true, [8, 8, 16, 16]) or kept as strings."""
+        args = {}
+        for item in self.op_arg:
+            key, sep, value = str(item).partition("=")
+            if not sep or not key.strip():
+                raise ApsError(f"--op-arg wants key=value, got {item!r}")
+            try:
+                args[key.strip()] = json.loads(value)
+            except json.JSONDecodeError:
+                args[key.strip()] = value
+        return args
 
     def beta(self, step: int) -> float:
         """Tempering: beta_0^(1 - s) with s = step / (temper_frac * steps), capped at 1."""
-        s = min(1.0, step / max(1.0, self.temper_frac * self.steps))
+        return self.beta_at(step / max(1, self.steps))
+
+    def beta_at(self, progress: float) -> float:
+        """Tempering at a fraction `progress` of training: beta_0^(1 - s), s = progress / temper_frac capped at 1."""
+        s = min(1.0, progress / self.temper_frac)
         return self.temper_start ** (1.0 - s)
 
     def to_dict(self) -> dict:
@@ -106,6 +155,8 @@ def add_arguments(parser: argparse.ArgumentParser, cls=TrainConfig) -> None:
         flag = "--" + f.name.replace("_", "-")
         if f.type in (bool, "bool"):
             group.add_argument(flag, action="store_true", help=meta["help"])
+        elif f.type in (list, "list"):
+            group.add_argument(flag, action="append", metavar="KEY=VALUE", help=meta["help"])
         else:
             typ = {"int": int, "float": float, "str": str}.get(f.type, f.type)
             group.add_argument(flag, type=typ, default=f.default, choices=meta["choices"],

@@ -1,6 +1,7 @@
 """The training loop: the only place in aps that knows about accelerate (STYLE.md rule 7).
 
-Measurements are made on the fly: x ~ data (or the prior), y = A(x) + sigma_y n. Each step
+Measurements are made on the fly: x ~ the task's clean data (training images, or samples of an exact
+mixture prior), y = A(x) + sigma_y n (aps.tasks says what a task is). Each step
 minimises the tempered APS loss (aps.objective), plus the optional forward-KL term on the same
 (x, y) pairs, averaged over measurements and flow samples.
 """
@@ -21,10 +22,8 @@ from . import objective
 from .checkpoint import CONFIG, build_flow, load_flow, read_config, save_checkpoint
 from .config import TrainConfig
 from .errors import ApsError
-from .flows.vector import ConditionalVectorFlow
-from .problems import MixtureProblem, load_problem, mcgdiff_problem
-
-PROBLEM_FILE = "problem.safetensors"
+from .problems import load_problem
+from .tasks import PROBLEM_FILE, MixtureTask, make_task
 
 
 class APSModel(nn.Module):
@@ -54,52 +53,70 @@ class APSModel(nn.Module):
         return out
 
 
-def make_problem(cfg: TrainConfig) -> MixtureProblem:
+def make_problem(cfg: TrainConfig):
     """The mixture problem named by the config (a file, or the MCGdiff generator)."""
-    if cfg.problem:
-        return load_problem(cfg.problem)
-    try:
-        d, dy, seed = (int(v) for v in cfg.mcgdiff.split(","))
-    except ValueError:
-        raise ApsError(f"--mcgdiff wants 'd,dy,seed' (three integers), got {cfg.mcgdiff!r}") from None
-    return mcgdiff_problem(d, dy, seed)
+    return make_task(cfg).problem
 
 
-def make_flow(cfg: TrainConfig, problem: MixtureProblem) -> ConditionalVectorFlow:
-    """A fresh vector flow whose Gaussian frame is fitted to the prior's moments and the operator."""
-    d, dy = problem.prior.dim, problem.operator.y_shape[0]
-    flow = ConditionalVectorFlow(d, dy, n_layers=cfg.flow_layers, hidden=cfg.flow_hidden,
-                                 num_blocks=cfg.flow_blocks, bins=cfg.flow_bins, tail_bound=cfg.flow_tail_bound)
-    mean, cov = problem.prior.moments()
-    scale = problem.prior.component_posterior_cov(problem.operator) if cfg.flow_frame == "component" else None
-    flow.frame.fit(mean, cov, problem.operator.matrix(), problem.operator.sigma_y, scale_cov=scale)
-    return flow
+def make_flow(cfg: TrainConfig, problem) -> nn.Module:
+    """A fresh vector flow for a mixture problem (see MixtureTask.make_flow)."""
+    return MixtureTask(problem).make_flow(cfg)
 
 
-def _lr_lambda(cfg: TrainConfig):
-    def f(step):
-        if step < cfg.warmup:
-            return (step + 1) / cfg.warmup
-        progress = (step - cfg.warmup) / max(1, cfg.steps - cfg.warmup)
-        return 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
-    return f
+def lr_factor(cfg: TrainConfig, step: int, progress: float) -> float:
+    """Linear warmup over cfg.warmup steps, then cosine decay to 0 over the rest of `progress` (0..1)."""
+    if step < cfg.warmup:
+        return (step + 1) / cfg.warmup
+    warm = cfg.warmup / max(1, cfg.steps)
+    frac = (progress - warm) / max(1e-8, 1 - warm)
+    return 0.5 * (1 + math.cos(math.pi * min(1.0, max(0.0, frac))))
 
 
 def resolve_config(cfg: TrainConfig) -> TrainConfig:
-    """On --resume, architecture and task fields come from the saved config, not the command line."""
+    """On --resume, architecture and task fields come from the saved config, not the command line.
+
+    A task field given on the command line that differs from the saved one (another prior, operator
+    or problem) is an error rather than silently ignored.
+    """
     saved = Path(cfg.out) / CONFIG
     if not cfg.resume:
         return cfg.validate()
     if not saved.is_file():
         raise ApsError(f"--resume: no run to resume in {cfg.out} (no {CONFIG})")
     old = TrainConfig.from_dict(read_config(cfg.out)["train"])
+    default = TrainConfig()
+    for name in TrainConfig.TASK_FIELDS:
+        given, kept = getattr(cfg, name), getattr(old, name)
+        if given != getattr(default, name) and given != kept:
+            raise ApsError(f"--resume: the run in {cfg.out} was trained with --{name.replace('_', '-')} {kept!r}, "
+                           f"not {given!r}")
     merged = cfg.to_dict()
     merged.update({k: getattr(old, k) for k in TrainConfig.ARCH_FIELDS})
     return TrainConfig.from_dict(merged).validate()
 
 
-def train(cfg: TrainConfig) -> Path:
-    """Train one flow for one problem; returns the output folder (a checkpoint sample.py can load)."""
+def _ema(flow, decay: float):
+    """EMA of the flow's weights (torch AveragedModel), decay warming up as min(decay, (1 + n) / (10 + n)).
+
+    The warmup keeps a short run's EMA from being mostly the random initialisation.
+    """
+    from torch.optim.swa_utils import AveragedModel
+
+    @torch.no_grad()
+    def update(ema_params, params, n_averaged):
+        n = int(n_averaged)
+        d = min(decay, (1 + n) / (10 + n))
+        torch._foreach_lerp_(ema_params, params, 1 - d)
+
+    return AveragedModel(flow, multi_avg_fn=update, use_buffers=False)
+
+
+def train(cfg: TrainConfig, callback=None) -> Path:
+    """Train one flow for one task (mixture problem or image operator); returns the output folder.
+
+    The folder is a checkpoint that sample.py and aps.load read. callback(accelerator, model, step), if
+    given, runs on every rank after each optimizer step (tests use it to compare ranks).
+    """
     cfg = resolve_config(cfg)
     out = Path(cfg.out)
     accelerator = Accelerator(
@@ -108,27 +125,38 @@ def train(cfg: TrainConfig) -> Path:
         project_config=ProjectConfiguration(project_dir=str(out), logging_dir=str(out / "logs"),
                                             automatic_checkpoint_naming=True, total_limit=cfg.keep))
     set_seed(cfg.seed)  # the same initial weights on every rank; noise differs below
-    problem = load_problem(out / PROBLEM_FILE) if cfg.resume else make_problem(cfg)
-    flow = make_flow(cfg, problem)
+    if cfg.resume and not cfg.is_image:
+        task = MixtureTask(load_problem(out / PROBLEM_FILE))
+    else:
+        task = make_task(cfg)
+    if cfg.resume and cfg.is_image:
+        saved = read_config(out)["task"]
+        if saved != task.config():
+            raise ApsError(f"--resume: the prior or operator changed since the run in {out} started "
+                           f"(saved task {json.dumps(saved)}, now {json.dumps(task.config())})")
+    flow = task.make_flow(cfg)
+    ema = _ema(flow, cfg.ema_decay) if cfg.ema_decay > 0 else None
+    if ema is not None:
+        task.attach(ema.module)  # the deep copy holds its own reference to A^T
     if accelerator.is_main_process:
         out.mkdir(parents=True, exist_ok=True)
-        problem.save(out / PROBLEM_FILE)
+        task.save(out)
     set_seed(cfg.seed, device_specific=True)  # ranks draw different measurements and z
 
-    prior, operator = problem.prior.to(accelerator.device), problem.operator.to(accelerator.device)
-    prior.requires_grad_(False)
+    # The frozen prior and operator move to the device but are never prepared (DDP would wrap them).
+    task.to(accelerator.device)
+    task.prior.requires_grad_(False)
+    task.attach(flow)
     model = APSModel(flow)
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, _lr_lambda(cfg))
-    # The LR scheduler is not prepared: a prepared one steps num_processes times per step
-    # (LIBRARY-NOTES), which would shorten the schedule on several GPUs. It is stepped on real
-    # optimizer steps only and saved with the training state.
     model, opt = accelerator.prepare(model, opt)
-    accelerator.register_for_checkpointing(sched)
-    accelerator.init_trackers("aps", config={k: v for k, v in cfg.to_dict().items() if not isinstance(v, bool)})
+    if ema is not None:
+        ema.to(accelerator.device)
+        accelerator.register_for_checkpointing(ema)
+    accelerator.init_trackers("aps", config={k: v for k, v in cfg.to_dict().items() if isinstance(v, (int, float, str))
+                                             and not isinstance(v, bool)})
 
     start = 0
-    task = {"kind": "mixture", "problem": PROBLEM_FILE}
     if cfg.resume:
         states = sorted((out / "checkpoints").glob("checkpoint_*"), key=lambda p: int(p.name.split("_")[-1]))
         if not states:
@@ -138,31 +166,46 @@ def train(cfg: TrainConfig) -> Path:
         accelerator.project_configuration.iteration = int(states[-1].name.split("_")[-1]) + 1
         start = read_config(out)["step"]
 
+    def shipped_flow():
+        return ema.module if ema is not None else accelerator.unwrap_model(model).flow
+
     def save(step):
         accelerator.save_state()  # every rank must call it (it waits for all)
         if accelerator.is_main_process:
-            save_checkpoint(out, accelerator.unwrap_model(model).flow, task, cfg.to_dict(), step)
+            save_checkpoint(out, shipped_flow(), task.config(), cfg.to_dict(), step)
 
-    t_start = time.monotonic()
+    t_start, done = time.monotonic(), start
     bar = tqdm(range(start, cfg.steps), initial=start, total=cfg.steps, disable=not accelerator.is_main_process)
     for step in bar:
-        beta = cfg.beta(step)
-        with accelerator.accumulate(model):
-            x0 = prior.sample(cfg.batch_size)
-            y = operator.measure(x0)
-            terms = model(y, prior, operator, cfg, beta, x_pairs=x0)
-            accelerator.backward(terms["loss"])
-            if accelerator.sync_gradients and cfg.grad_clip > 0:
-                accelerator.clip_grad_norm_(model.parameters(), cfg.grad_clip)
-            opt.step()
-            if accelerator.sync_gradients:
-                sched.step()
-            opt.zero_grad(set_to_none=True)
+        # Progress drives the LR decay and tempering: the step count, or the time budget if it runs out first.
+        progress = step / cfg.steps
+        if cfg.max_seconds > 0:
+            progress = max(progress, (time.monotonic() - t_start) / cfg.max_seconds)
+        beta = cfg.beta_at(progress)
+        for group in opt.param_groups:
+            group["lr"] = cfg.lr * lr_factor(cfg, step, progress)
+        for _ in range(cfg.grad_accum):  # one optimizer step per `step`, over grad_accum micro-batches
+            with accelerator.accumulate(model):
+                x0 = task.sample_x(cfg.batch_size)  # (B, *event_shape)
+                y = task.operator.measure(x0)  # (B, *y_shape)
+                terms = model(y, task.prior, task.operator, cfg, beta, x_pairs=x0)
+                accelerator.backward(terms["loss"])
+                if accelerator.sync_gradients and cfg.grad_clip > 0:
+                    accelerator.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+                opt.step()
+                opt.zero_grad(set_to_none=True)
+        if ema is not None:
+            ema.update_parameters(accelerator.unwrap_model(model).flow)
+        done = step + 1
+        if callback is not None:
+            callback(accelerator, model, done)
         if (step + 1) % cfg.log_every == 0 or step + 1 == cfg.steps:
-            logs = {k: accelerator.reduce(v.detach(), "mean").item() for k, v in terms.items()}
-            logs.update(beta=beta, lr=sched.get_last_lr()[0])
+            logs = {k: accelerator.reduce(v.detach().float(), "mean").item() for k, v in terms.items()}
+            logs.update(beta=beta, lr=opt.param_groups[0]["lr"])
             accelerator.log(logs, step=step + 1)
             bar.set_postfix(loss=f"{logs['loss']:.3f}", beta=f"{beta:.3f}")
+        if cfg.sample_every and (step + 1) % cfg.sample_every == 0 and accelerator.is_main_process:
+            _log_preview(accelerator, task, shipped_flow(), out, step + 1)
         out_of_time = cfg.max_seconds > 0 and time.monotonic() - t_start > cfg.max_seconds
         # every rank must agree to stop, or save_state would wait for a rank that has left the loop
         out_of_time = bool(accelerator.reduce(torch.tensor(float(out_of_time), device=accelerator.device), "max"))
@@ -171,8 +214,24 @@ def train(cfg: TrainConfig) -> Path:
         if out_of_time:
             accelerator.print(f"stopping at step {step + 1}: --max-seconds {cfg.max_seconds} reached")
             break
+    if accelerator.is_main_process and cfg.sample_every:
+        _log_preview(accelerator, task, shipped_flow(), out, done)
     accelerator.end_training()
     return out
+
+
+def _log_preview(accelerator, task, flow, out: Path, step: int) -> None:
+    """Posterior samples of a few fixed training measurements: samples/step_N.png and a TensorBoard image."""
+    was_training = flow.training
+    grid = task.preview(flow.eval())
+    flow.train(was_training)
+    if grid is None:
+        return
+    from .image_grid import save_png
+
+    save_png(grid, out / "samples" / f"step_{step:07d}.png")
+    writer = accelerator.get_tracker("tensorboard", unwrap=True)
+    writer.add_image("posterior_samples", grid, step, dataformats="HW" if grid.ndim == 2 else "HWC")
 
 
 def dry_run(cfg: TrainConfig) -> str:

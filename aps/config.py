@@ -88,10 +88,10 @@ class TrainConfig:
 
     def validate(self) -> "TrainConfig":
         """Raise ApsError on nonsense values (one line each)."""
-        if sum(bool(v) for v in (self.problem, self.mcgdiff, self.prior)) != 1:
-            raise ApsError("say what to train for: --problem FILE, --mcgdiff d,dy,seed, or --prior FOLDER --operator NAME")
         if bool(self.prior) != bool(self.operator):
             raise ApsError("--prior and --operator go together (images), e.g. --prior checkpoints/mnist-prior --operator sr")
+        if sum(bool(v) for v in (self.problem, self.mcgdiff, self.prior)) != 1:
+            raise ApsError("say what to train for: --problem FILE, --mcgdiff d,dy,seed, or --prior FOLDER --operator NAME")
         if self.op_arg and not self.operator:
             raise ApsError("--op-arg needs --operator")
         self.operator_args()  # parse errors now, not after the prior has loaded

@@ -230,8 +230,9 @@ def _log_preview(accelerator, task, flow, out: Path, step: int) -> None:
     from .image_grid import save_png
 
     save_png(grid, out / "samples" / f"step_{step:07d}.png")
-    writer = accelerator.get_tracker("tensorboard", unwrap=True)
-    writer.add_image("posterior_samples", grid, step, dataformats="HW" if grid.ndim == 2 else "HWC")
+    writer = accelerator.get_tracker("tensorboard", unwrap=True) if accelerator.trackers else None
+    if hasattr(writer, "add_image"):  # TensorBoard may not be installed (accelerate then logs nothing)
+        writer.add_image("posterior_samples", grid, step, dataformats="HW" if grid.ndim == 2 else "HWC")
 
 
 def dry_run(cfg: TrainConfig) -> str:

@@ -1,0 +1,232 @@
+"""Image tasks end to end on CPU: train.py on a tiny 8x8 diffusers prior, resume, sample.py, clear errors,
+and two real CPU processes ending with the same weights."""
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+ROOT = Path(__file__).resolve().parents[1]
+ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
+TINY_FLOW = ["--glow-levels", "2", "--glow-steps", "1", "--glow-hidden", "8", "--glow-cond", "8"]
+TINY = ["--data", "digits8", "--batch-size", "4", "--n-z", "2", "--n-elbo", "1", "--fkl-weight", "1",
+        "--warmup", "1", "--log-every", "1", "--checkpoint-every", "2", "--sample-every", "2", "--cpu", *TINY_FLOW]
+
+
+def run(script, *args):
+    return subprocess.run([sys.executable, str(ROOT / script), *map(str, args)], capture_output=True,
+                          text=True, env=ENV, cwd=ROOT, timeout=300)
+
+
+def assert_one_line_error(proc, script, needle):
+    assert proc.returncode == 2, proc.stderr
+    assert "Traceback" not in proc.stderr
+    last = proc.stderr.strip().splitlines()[-1]
+    assert last.startswith(f"{script}: error:") and needle in last, proc.stderr
+
+
+def save_tiny_prior(folder, seed=0):
+    from diffusers import DDPMScheduler, UNet2DModel
+
+    from aps.priors import DiffusersPrior
+
+    torch.manual_seed(seed)
+    unet = UNet2DModel(sample_size=8, in_channels=1, out_channels=1, layers_per_block=1, block_out_channels=(8, 8),
+                       down_block_types=("DownBlock2D", "DownBlock2D"), up_block_types=("UpBlock2D", "UpBlock2D"),
+                       norm_num_groups=4)
+    DiffusersPrior(unet, DDPMScheduler(num_train_timesteps=100)).save_pretrained(folder)
+    return folder
+
+
+def reset_accelerate():
+    """accelerate keeps one process-wide state; in-process runs with other settings need it cleared."""
+    from accelerate.state import AcceleratorState, GradientState
+
+    AcceleratorState._reset_state(reset_partial_state=True)
+    GradientState._reset_state()
+
+
+@pytest.fixture(autouse=True)
+def fresh_accelerate_state():
+    reset_accelerate()
+    yield
+
+
+@pytest.fixture(scope="module")
+def prior(tmp_path_factory):
+    return save_tiny_prior(tmp_path_factory.mktemp("prior") / "p")
+
+
+@pytest.fixture(scope="module")
+def trained(prior, tmp_path_factory):
+    """sr x2 with A^T y fed to the encoder, 2 steps, then resumed to 4."""
+    out = tmp_path_factory.mktemp("run") / "sr"
+    proc = run("train.py", "--prior", prior, "--operator", "sr", "--op-arg", "factor=2", "--backprojection",
+               "--out", out, "--steps", "2", *TINY)
+    assert proc.returncode == 0, proc.stderr
+    return out
+
+
+def test_train_writes_an_image_checkpoint(trained, prior):
+    meta = json.loads((trained / "config.json").read_text())
+    assert meta["step"] == 2 and meta["flow"]["type"] == "glow" and meta["flow"]["y_kind"] == "small_image"
+    assert meta["flow"]["extra_channels"] == 1
+    task = meta["task"]
+    assert task["kind"] == "image" and task["data"] == "digits8" and task["prior"]["path"] == str(prior)
+    assert task["operator"] == {"name": "sr", "image_shape": [1, 8, 8], "sigma_y": 0.05, "factor": 2}
+    assert (trained / "samples" / "step_0000002.png").is_file()
+    assert list((trained / "logs").rglob("events.out.tfevents*"))
+
+
+def test_resume_continues_the_same_run(trained, tmp_path):
+    before = load_file(trained / "flow.safetensors")
+    # architecture comes from the checkpoint even if the command line says otherwise
+    proc = run("train.py", "--out", trained, "--resume", "--steps", "4", *TINY[:-len(TINY_FLOW)],
+               "--glow-hidden", "99")
+    assert proc.returncode == 0, proc.stderr
+    meta = json.loads((trained / "config.json").read_text())
+    assert meta["step"] == 4 and meta["flow"]["hidden_channels"] == 8
+    after = load_file(trained / "flow.safetensors")
+    assert any(not torch.equal(before[k], after[k]) for k in before)
+    kept = sorted(p.name for p in (trained / "checkpoints").iterdir())
+    assert kept == ["checkpoint_0", "checkpoint_1"]  # saved at steps 2 and 4; --keep 2
+    proc = run("train.py", "--out", trained, "--resume", "--operator", "denoise", "--cpu")
+    assert_one_line_error(proc, "train.py", "--operator 'sr'")
+
+
+def test_sample_heldout_and_png(trained, tmp_path):
+    out = tmp_path / "s.safetensors"
+    proc = run("sample.py", trained, "--heldout", "0:3", "--n", "40", "--show", "4", "--out", out)
+    assert proc.returncode == 0, proc.stderr
+    t = load_file(out)
+    assert t["samples"].shape == (3, 40, 1, 8, 8) and t["mean"].shape == (3, 1, 8, 8) and t["std"].shape == (3, 1, 8, 8)
+    assert t["x_true"].shape == (3, 1, 8, 8) and t["y"].shape == (3, 1, 4, 4) and t["labels"].shape == (3,)
+    assert torch.isfinite(t["samples"]).all()
+    pngs = sorted((tmp_path / "s_png").glob("*.png"))
+    assert [p.name for p in pngs] == ["y0000.png", "y0001.png", "y0002.png"]
+    from PIL import Image
+    assert Image.open(pngs[0]).size == (8 * 10, 10)  # measurement, 4 samples, mean, std, truth: 8 tiles of 8+2
+
+    # the same measurements as a PNG give a checkpoint-shaped y; the python API agrees with the file
+    import aps
+    from aps.image_grid import save_png
+    img = ((t["y"][0, 0] + 1) * 127.5).round().to(torch.uint8).numpy()
+    save_png(img, tmp_path / "low.png")
+    proc = run("sample.py", trained, "--png", tmp_path / "low.png", "--n", "5", "--out", tmp_path / "p.safetensors")
+    assert proc.returncode == 0, proc.stderr
+    assert load_file(tmp_path / "p.safetensors")["samples"].shape == (1, 5, 1, 8, 8)
+    x, log_q = aps.load(trained).sample(t["y"], 40)
+    assert torch.allclose(x, t["samples"], atol=1e-5) and log_q.shape == (3, 40)
+
+
+def test_wrong_prior_operator_or_shape_is_one_line(trained, tmp_path):
+    other = save_tiny_prior(tmp_path / "other", seed=1)
+    cases = [
+        (["--heldout", "0:2", "--operator", "sr", "--op-arg", "factor=4"], "trained for the operator sr"),
+        (["--heldout", "0:2", "--prior", other], "trained with the prior"),
+        (["--y", "1,2,3"], "must have shape (batch, 1, 4, 4)"),
+    ]
+    for args, needle in cases:
+        assert_one_line_error(run("sample.py", trained, *args, "--out", tmp_path / "o.safetensors"), "sample.py", needle)
+    import aps
+    from aps.errors import ApsError
+    from aps.operators import build
+    with pytest.raises(ApsError, match="operator"):
+        aps.load(trained, operator=build("sr", image_shape=(1, 8, 8), factor=4))
+    with pytest.raises(ApsError, match="trained for the operator sr"):
+        aps.load(trained, operator=build("denoise", image_shape=(1, 8, 8)))
+    with pytest.raises(ApsError, match="shape"):
+        aps.load(trained).sample(torch.zeros(2, 1, 8, 8), 3)
+    from aps.sampling import heldout_measurements
+    with pytest.raises(ApsError, match="outside"):
+        heldout_measurements(aps.load(trained), 0, 9999)
+
+
+@pytest.mark.parametrize("opts, needle", [
+    ({"prior": ""}, "--prior and --operator go together"),
+    ({"op_arg": ["factor"]}, "key=value"),
+    ({"operator": "nope"}, "unknown operator"),
+    ({"op_arg": ["factor=3"]}, "factor"),
+    ({"data": "/nonexistent/folder"}, "does not exist"),
+    ({"operator": "classifier", "backprojection": True}, "classifier"),
+])
+def test_train_bad_image_input(prior, tmp_path, opts, needle):
+    from aps.config import TrainConfig
+    from aps.errors import ApsError
+    from aps.training import train
+
+    cfg = dict(prior=str(prior), operator="sr", op_arg=["factor=2"], data="digits8", out=str(tmp_path / "o"),
+               steps=1, cpu=True, glow_levels=2, glow_steps=1, glow_hidden=8, glow_cond=8)
+    with pytest.raises(ApsError, match=needle.replace("(", r"\(")):
+        train(TrainConfig(**{**cfg, **opts}))
+
+
+def test_train_cli_error_is_one_line(prior, tmp_path):
+    proc = run("train.py", "--prior", prior, "--operator", "sr", "--op-arg", "factor=3", "--out", tmp_path / "o", "--cpu")
+    assert_one_line_error(proc, "train.py", "factor")
+
+
+def test_every_conditioning_kind_trains_in_process(prior, tmp_path):
+    """denoise (image), inpainting (mask channel), cs (vector) and a classifier (class), bf16 + accumulation."""
+    from aps.config import TrainConfig
+    from aps.operators.classifier import SmallCNN
+    from aps.training import train
+
+    cls = tmp_path / "cls"
+    cls.mkdir()
+    net = SmallCNN((1, 8, 8), widths=(4, 4, 4))
+    from safetensors.torch import save_file
+    save_file(net.state_dict(), str(cls / "model.safetensors"))
+    (cls / "config.json").write_text(json.dumps({"format_version": 1, "architecture": "SmallCNN",
+                                                 "image_shape": [1, 8, 8], "widths": [4, 4, 4], "n_classes": 10}))
+    for op, extra in [("denoise", []), ("inpaint_box", []), ("cs", ["m=16"]), ("classifier", [f"path={cls}"])]:
+        cfg = TrainConfig(prior=str(prior), operator=op, op_arg=extra, data="digits8", out=str(tmp_path / op),
+                          steps=2, batch_size=4, n_z=1, n_elbo=1, fkl_weight=1.0, warmup=1, log_every=1,
+                          checkpoint_every=2, sample_every=0, cpu=True, glow_levels=2, glow_steps=1, glow_hidden=8,
+                          glow_cond=8, grad_accum=2, mixed_precision="bf16" if op == "denoise" else "no")
+        reset_accelerate()
+        train(cfg)
+        import aps
+        from aps.sampling import heldout_measurements
+        sampler = aps.load(tmp_path / op)
+        y, x_true, labels = heldout_measurements(sampler, 0, 2)
+        x, _ = sampler.sample(y, 3)
+        assert x.shape == (2, 3, 1, 8, 8) and torch.isfinite(x).all(), op
+        if op == "classifier":
+            from aps.evaluate_images import score_posterior
+            scores = score_posterior(sampler, y, x_true, n_samples=4)
+            assert 0 <= scores["class_accuracy"].min() <= scores["class_accuracy"].max() <= 1
+
+
+def _two_rank_training(prior, out, marks):
+    from aps.config import TrainConfig
+    from aps.training import train
+
+    def record(accelerator, model, step):
+        if step == 3:
+            sums = [p.detach().double().sum().item() for p in accelerator.unwrap_model(model).parameters()]
+            Path(marks, f"rank{accelerator.process_index}.json").write_text(
+                json.dumps({"n": accelerator.num_processes, "sums": sums}))
+
+    cfg = TrainConfig(prior=prior, operator="denoise", data="digits8", out=out, steps=3, batch_size=4, n_z=1,
+                      n_elbo=1, fkl_weight=1.0, warmup=1, log_every=1, checkpoint_every=3, sample_every=0,
+                      glow_levels=2, glow_steps=1, glow_hidden=8, glow_cond=8)
+    train(cfg, callback=record)
+
+
+def test_two_cpu_processes_end_with_the_same_weights(prior, tmp_path):
+    # debug_launcher forks; a fresh interpreter forks cleanly (forking pytest after torch's thread pools
+    # have run can hang the children)
+    code = (f"import sys; sys.path.insert(0, {str(ROOT / 'tests')!r}); from test_image_training import _two_rank_training; "
+            f"from accelerate import debug_launcher; debug_launcher(_two_rank_training, "
+            f"args=({str(prior)!r}, {str(tmp_path / 'ddp')!r}, {str(tmp_path)!r}), num_processes=2)")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=ENV, cwd=ROOT, timeout=180)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    ranks = [json.loads((tmp_path / f"rank{i}.json").read_text()) for i in range(2)]
+    assert ranks[0]["n"] == ranks[1]["n"] == 2
+    assert ranks[0]["sums"] == pytest.approx(ranks[1]["sums"], rel=1e-6, abs=1e-7)
+    assert json.loads((tmp_path / "ddp" / "config.json").read_text())["step"] == 3

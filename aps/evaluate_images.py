@@ -66,7 +66,7 @@ def summarize_scores(scores: dict) -> dict:
 
 
 @torch.no_grad()
-def throughput(flow, y: torch.Tensor, batch: int, autocast_dtype=None, repeats: int = 5, warmup: int = 2) -> dict:
+def throughput(flow, y: torch.Tensor, batch: int, autocast_dtype=None, repeats: int = 10, warmup: int = 3) -> dict:
     """Samples per second of one flow pass of `batch` latents for one measurement y (1, *y_shape).
 
     z is drawn on the device (what a user gets from aps.load(...).flow); the seeded sampler's CPU latents

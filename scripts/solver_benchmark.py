@@ -53,7 +53,13 @@ def main():
     g = p.add_argument_group("performance and I/O")
     g.add_argument("--workers", type=int, default=2)
     g.add_argument("--out", default="results/solvers")
+    g.add_argument("--table", nargs="+", metavar="JSONL", help="only print the BENCHMARKS.md table of these results files")
     args = p.parse_args()
+    if args.table:
+        from aps.solvers.compare import compact_table
+
+        print(compact_table([json.loads(line) for f in args.table for line in open(f) if line.strip()]))
+        return
 
     common = dict(cm_ode_steps=args.cm_ode_steps)
     grids = {

@@ -81,3 +81,30 @@ def table(results: list[dict]) -> str:
                      f"{s['tv']['mean']:.3f} / {s['tv']['max']:.3f} | {s['sw']['mean']:.3f} / {s['sw_floor']['mean']:.3f} "
                      f"({s['sw_over_floor']['mean']:.1f}x) | {kl} | {nfe} | {st['seconds_per_sample']:.2e} |")
     return "\n".join(lines)
+
+
+def _options(r: dict) -> str:
+    c = r["config"]
+    if r["solver"] == "dps":
+        return f"zeta {c['zeta']}, {c['steps'] or 1000} steps"
+    if r["solver"] == "cm1":
+        return f"zeta {c['zeta']}, {c['steps']} Karras steps"
+    if r["solver"] == "cm2":
+        return f"K {c['k1']}+{c['k2']}, lr {c['lr1']} / {c['lr2']}, t_s {c['t_s']}"
+    return "-"
+
+
+def compact_table(results: list[dict]) -> str:
+    """BENCHMARKS.md table: rows sorted by problem then method (prior, aps, dps, cm1, cm2)."""
+    order = {"prior": 0, "aps": 1, "dps": 2, "cm1": 3, "cm2": 4}
+    key = lambda r: (int(r["problem"].split(",")[0]), r["problem"], order.get(r["solver"], 9),  # noqa: E731
+                     str(r["config"].get("steps")))
+    lines = ["| problem d,dy,seed | modes>=1% | method | options | TV mean / max | SW mean / floor (ratio) | NFE / sample | s / sample |",
+             "|---|---|---|---|---|---|---|---|"]
+    for r in sorted(results, key=key):
+        s, st = r["summary"], r["stats"]
+        nfe = str(st["nfe"]) + (f" (+{st['ode_eps']} ODE)" if st.get("ode_eps") else "")
+        lines.append(f"| {r['problem']} | {s['modes']['mean']:.2f} | {r['solver']} | {_options(r)} | "
+                     f"{s['tv']['mean']:.3f} / {s['tv']['max']:.3f} | {s['sw']['mean']:.2f} / {s['sw_floor']['mean']:.2f} "
+                     f"({s['sw_over_floor']['mean']:.1f}x) | {nfe} | {st['seconds_per_sample']:.1e} |")
+    return "\n".join(lines)

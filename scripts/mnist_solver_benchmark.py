@@ -5,7 +5,7 @@
 
 The CM solvers need a distilled consistency model of this prior (scripts/distill_cm.py, a GPU recipe);
 without one only DPS runs, beside the free baseline A^T y rescaled to the image (nearest upsampling for
-sr, y itself for denoise). Digits: --n-images of the MNIST-5k held-out split from --first-image; measurement noise
+sr, y itself for denoise), and an APS flow for the same operator if --aps names one. Digits: --n-images of the MNIST-5k held-out split from --first-image; measurement noise
 from --seed. One posterior sample per digit (PSNR of a single sample, not of the posterior mean).
 """
 import argparse
@@ -23,6 +23,7 @@ def main():
     g.add_argument("--op-arg", action="append", default=[], metavar="KEY=VALUE", help="operator parameter (JSON value)")
     g.add_argument("--n-images", type=int, default=4)
     g.add_argument("--first-image", type=int, default=0, help="index of the first held-out digit (tune on others)")
+    g.add_argument("--aps", default=None, help="an APS flow checkpoint for the same operator (aps.load): adds its row")
     g.add_argument("--cm", default=None, help="a distilled consistency model folder: adds CM I and CM II")
     g = p.add_argument_group("solver hyperparameters")
     g.add_argument("--zeta", type=float, nargs="+", default=[1.0], help="DPS step size(s)")
@@ -63,6 +64,16 @@ def main():
     if hasattr(op, "adjoint"):
         scale = op.adjoint(torch.ones_like(y)).reshape(len(y), -1).max(1).values  # A^T 1 = 1/f^2 for sr
         rows.append(score("A^T y (rescaled)", op.adjoint(y) / scale.reshape(-1, 1, 1, 1), {"nfe": 0, "seconds_per_sample": 0.0}, {}))
+    if args.aps:
+        import aps
+
+        sampler = aps.load(args.aps)
+        if sampler.operator.config() != op.config():
+            raise SystemExit(f"{args.aps} was trained for {sampler.operator.config()}, not {op.config()}")
+        t0 = time.perf_counter()
+        x, _ = sampler.sample(y, 1, seed=args.seed)
+        seconds = time.perf_counter() - t0
+        rows.append(score("aps", x, {"nfe": 1, "seconds_per_sample": seconds / len(y)}, {"checkpoint": args.aps}))
     solvers = [DPS(z, args.steps, progress=True) for z in args.zeta]
     if args.cm:
         from aps.solvers.consistency_model import ConsistencyModel

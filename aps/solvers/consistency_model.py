@@ -19,7 +19,6 @@ let it draw the latents itself.
 from __future__ import annotations
 
 import copy
-import math
 from pathlib import Path
 
 import torch

@@ -7,14 +7,13 @@ denoiser is exact (the Gaussian mixture) the ODE itself is that function. In EDM
 
     dx/du = sigma dx/dsigma = x - D(x; sigma),
 
-which is smooth in u (its Jacobian is bounded by about 1 for unit-variance components), so a
-fixed-step classical RK4 on a uniform grid in u converges fast: 64 steps from 80 to 0.002 agree with
-1024 steps to ~1e-6 on the MCGdiff mixtures (tests/test_solvers.py). The solve is differentiable
-(plain autograd through the steps), which the CM solvers need.
+which is smooth in u except near the boundaries between the basins of two modes, where
+trajectories separate. A fixed-step classical RK4 on a uniform grid in u converges at 4th order.
+Measured from sigma = 80 on the MCGdiff d = 2 mixture (1,000 draws): 64 steps agree with 1,024 to
+2e-3 at worst; 24 steps agree with 512 to a median 1.6e-3 and a 99th percentile 0.05 (closer from
+lower sigma). The solve is differentiable (plain autograd through the steps), which the CM solvers need.
 """
 from __future__ import annotations
-
-import math
 
 import torch
 

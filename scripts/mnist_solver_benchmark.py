@@ -87,7 +87,7 @@ def main():
     lines = ["| solver | options | PSNR (dB) | SSIM | NFE / sample | s / sample |", "|---|---|---|---|---|---|"]
     for r in rows:
         opts = ", ".join(f"{k}={v}" for k, v in r["config"].items() if k != "name") or "-"
-        lines.append(f"| {r['solver']} | {opts} | {r['psnr']:.2f} | {r['ssim']:.3f} | {r['nfe']} | {r['seconds_per_sample']:.1f} |")
+        lines.append(f"| {r['solver']} | {opts} | {r['psnr']:.2f} | {r['ssim']:.3f} | {r['nfe']} | {r['seconds_per_sample']:.3g} |")
     print("\n".join(lines))
     print(f"operator {args.operator} {params}, {args.n_images} held-out digits, 1 sample each; CPU, "
           f"{args.threads} thread(s); command: {' '.join(sys.argv)}")

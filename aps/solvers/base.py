@@ -8,6 +8,10 @@ denoiser) forwards, `eps_bwd` backward passes through it, `cm_fwd`/`cm_bwd` cons
 forwards and backwards (a learned CM is one network; the exact mixture CM hides an ODE solve, whose
 eps evaluations are counted separately as `ode_eps`). `nfe` is the headline: forward plus backward
 network evaluations (a backward pass costs about as much as a forward one).
+
+Randomness comes from one generator for the whole batch, so sample j of measurement i depends on
+the batch it ran in (not yet seeded per sample as STYLE.md rule 10 asks; the rows' dynamics are
+independent, only their noise draws are shared out of one stream).
 """
 from __future__ import annotations
 

@@ -73,6 +73,17 @@ def test_edm_denoiser_discrete_grid_points(float64):
     torch.testing.assert_close(D.t_of_sigma(sigma), k)
 
 
+def test_edm_denoiser_on_a_diffusers_prior():
+    # The network prior: at the DDPM integers t(sigma_k) = k, and D is the VP denoiser of x_vp = alpha x.
+    prior = tiny_diffusers_prior()
+    D = EDMDenoiser(prior)
+    k = torch.tensor([0.0, 13.0, 57.0, 99.0])
+    sigma = torch.exp(-0.5 * prior.schedule.log_snr(k.double()))
+    x = torch.randn(4, 1, 8, 8, generator=torch.Generator().manual_seed(0)) * (1 + sigma.float()[:, None, None, None])
+    with torch.no_grad():
+        torch.testing.assert_close(D(x, sigma), prior.denoise(to_vp(x, sigma), k), rtol=1e-4, atol=1e-4)
+
+
 def test_fast_mixture_denoiser_is_the_same_function(float64):
     from aps.solvers.exact_cm import MixtureEDMDenoiser
 

@@ -1,8 +1,11 @@
-"""Train one amortized posterior flow for one problem.
+"""Train one amortized posterior flow for one problem (a mixture) or one image operator.
 
     accelerate launch train.py --mcgdiff 2,1,0 --out runs/d2          # one GPU, several, or CPU
     python train.py --problem my_problem.npz --steps 2000 --cpu
     python train.py --out runs/d2 --resume                             # continue a run
+    accelerate launch train.py --prior checkpoints/mnist-prior --operator sr --op-arg factor=4 \
+        --fkl-weight 1 --mixed-precision bf16 --max-seconds 600 --out runs/mnist-sr   # images: y made from MNIST train
+    python train.py --prior checkpoints/mnist-prior --operator inpaint_box --op-arg box=[4,4,24,12] --dry-run
 """
 import argparse
 

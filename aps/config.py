@@ -69,7 +69,8 @@ class TrainConfig:
     keep: int = _opt(2, "training states kept (older ones are deleted)", "run")
     log_every: int = _opt(50, "log the loss terms every N steps", "run")
     sample_every: int = _opt(500, "image tasks: save a PNG grid of posterior samples (and log it) every N steps (0 = off)", "run")
-    ema_decay: float = _opt(0.999, "EMA of the flow's weights, saved as the flow (0 = off; warms up as (1+n)/(10+n))", "run")
+    ema_decay: float = _opt(0.0, "EMA of the flow's weights, saved as the flow (e.g. 0.999; 0 = off; warms up as "
+                            "(1+n)/(10+n))", "run")
     max_seconds: float = _opt(0.0, "stop (saving the flow) after this many seconds of training (0 = no limit); the LR "
                               "decay and tempering then follow whichever of steps or time runs out first", "run")
     resume: bool = _opt(False, "continue the run in --out from its latest training state", "run")

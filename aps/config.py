@@ -13,68 +13,69 @@ from dataclasses import dataclass, field
 from .errors import ApsError
 
 
-def _opt(default, help: str, group: str, choices=None):
+def option(default, help: str, group: str, choices=None):
+    """A dataclass field with its CLI help line, group header and choices (read by `add_arguments`)."""
     return field(default=default, metadata={"help": help, "group": group, "choices": choices})
 
 
 @dataclass
 class TrainConfig:
     # -- main: what to train for
-    problem: str = _opt("", "mixture problem file (.npz/.safetensors: means, weights, variances, A, sigma_y)", "main")
-    mcgdiff: str = _opt("", "or make an MCGdiff mixture problem: 'd,dy,seed' (saved into --out)", "main")
-    prior: str = _opt("", "or train for images: a diffusers prior folder (unet/ + scheduler/), e.g. checkpoints/mnist-prior", "main")
-    operator: str = _opt("", "with --prior: the operator's name (denoise, inpaint_box, inpaint_random, sr, deblur, cs, classifier)", "main")
-    op_arg: list = _opt(None, "with --operator: one operator parameter as key=value (JSON value), repeatable, "
+    problem: str = option("", "mixture problem file (.npz/.safetensors: means, weights, variances, A, sigma_y)", "main")
+    mcgdiff: str = option("", "or make an MCGdiff mixture problem: 'd,dy,seed' (saved into --out)", "main")
+    prior: str = option("", "or train for images: a diffusers prior folder (unet/ + scheduler/), e.g. checkpoints/mnist-prior", "main")
+    operator: str = option("", "with --prior: the operator's name (denoise, inpaint_box, inpaint_random, sr, deblur, cs, classifier)", "main")
+    op_arg: list = option(None, "with --operator: one operator parameter as key=value (JSON value), repeatable, "
                         "e.g. --op-arg factor=4 --op-arg sigma_y=0.1", "main")
-    data: str = _opt("mnist", "with --prior: clean images x (train split only): mnist, digits8 or an image folder", "main")
-    out: str = _opt("runs/aps", "output folder: config.json, flow.safetensors, training state, logs", "main")
+    data: str = option("mnist", "with --prior: clean images x (train split only): mnist, digits8 or an image folder", "main")
+    out: str = option("runs/aps", "output folder: config.json, flow.safetensors, training state, logs", "main")
     # -- flow architecture (restored from the checkpoint on --resume)
-    flow_layers: int = _opt(8, "spline coupling layers", "flow")
-    flow_hidden: int = _opt(128, "hidden width of each coupling network", "flow")
-    flow_blocks: int = _opt(2, "residual blocks per coupling network", "flow")
-    flow_bins: int = _opt(16, "rational-quadratic spline bins", "flow")
-    flow_tail_bound: float = _opt(5.0, "spline interval [-B, B] in the Gaussian frame's unit-scale space", "flow")
-    flow_frame: str = _opt("moments", "frame scale: moments (the Gaussian posterior of the prior's moments) or "
+    flow_layers: int = option(8, "spline coupling layers", "flow")
+    flow_hidden: int = option(128, "hidden width of each coupling network", "flow")
+    flow_blocks: int = option(2, "residual blocks per coupling network", "flow")
+    flow_bins: int = option(16, "rational-quadratic spline bins", "flow")
+    flow_tail_bound: float = option(5.0, "spline interval [-B, B] in the Gaussian frame's unit-scale space", "flow")
+    flow_frame: str = option("moments", "frame scale: moments (the Gaussian posterior of the prior's moments) or "
                            "component (one mixture component's posterior width)", "flow", ("moments", "component"))
     # -- image flow (ConditionalGlow; restored from the checkpoint on --resume)
-    glow_levels: int = _opt(3, "multiscale levels (H and W must be divisible by 2^levels)", "image flow")
-    glow_steps: int = _opt(8, "Glow steps (ActNorm, 1x1 conv, coupling) per level", "image flow")
-    glow_hidden: int = _opt(64, "channels of each coupling network", "image flow")
-    glow_cond: int = _opt(32, "channels of the measurement features", "image flow")
-    glow_clamp: float = _opt(2.0, "soft bound on each coupling's log-scale", "image flow")
-    backprojection: bool = _opt(False, "also feed A^T y (the adjoint of a linear operator) to the flow's encoder", "image flow")
+    glow_levels: int = option(3, "multiscale levels (H and W must be divisible by 2^levels)", "image flow")
+    glow_steps: int = option(8, "Glow steps (ActNorm, 1x1 conv, coupling) per level", "image flow")
+    glow_hidden: int = option(64, "channels of each coupling network", "image flow")
+    glow_cond: int = option(32, "channels of the measurement features", "image flow")
+    glow_clamp: float = option(2.0, "soft bound on each coupling's log-scale", "image flow")
+    backprojection: bool = option(False, "also feed A^T y (the adjoint of a linear operator) to the flow's encoder", "image flow")
     # -- objective
-    n_z: int = _opt(4, "flow samples z per measurement y in each step", "objective")
-    n_elbo: int = _opt(8, "(t, eps) draws per x for the prior's ELBO", "objective")
-    elbo_sampling: str = _opt("lambda", "ELBO time sampling: lambda (variance-reduced) or uniform", "objective",
+    n_z: int = option(4, "flow samples z per measurement y in each step", "objective")
+    n_elbo: int = option(8, "(t, eps) draws per x for the prior's ELBO", "objective")
+    elbo_sampling: str = option("lambda", "ELBO time sampling: lambda (variance-reduced) or uniform", "objective",
                               ("lambda", "uniform"))
-    exact_prior: bool = _opt(False, "use the prior's exact log-density instead of its ELBO (mixtures only)", "objective")
-    temper_start: float = _opt(0.02, "tempering: beta rises geometrically from this to 1 (1 = off)", "objective")
-    temper_frac: float = _opt(0.5, "fraction of the steps over which beta reaches 1", "objective")
-    fkl_weight: float = _opt(0.0, "weight of the mass-covering forward-KL term -log q(x|y) on data pairs", "objective")
-    aps_weight: float = _opt(1.0, "weight of the APS (reverse-KL) term; 0 trains by forward KL alone (a reference)", "objective")
+    exact_prior: bool = option(False, "use the prior's exact log-density instead of its ELBO (mixtures only)", "objective")
+    temper_start: float = option(0.02, "tempering: beta rises geometrically from this to 1 (1 = off)", "objective")
+    temper_frac: float = option(0.5, "fraction of the steps over which beta reaches 1", "objective")
+    fkl_weight: float = option(0.0, "weight of the mass-covering forward-KL term -log q(x|y) on data pairs", "objective")
+    aps_weight: float = option(1.0, "weight of the APS (reverse-KL) term; 0 trains by forward KL alone (a reference)", "objective")
     # -- optimisation
-    steps: int = _opt(4000, "optimizer steps", "optimisation")
-    batch_size: int = _opt(256, "measurements y per step (per process)", "optimisation")
-    lr: float = _opt(1e-3, "peak learning rate (AdamW, cosine decay after warmup)", "optimisation")
-    warmup: int = _opt(100, "linear warmup steps", "optimisation")
-    weight_decay: float = _opt(0.0, "AdamW weight decay", "optimisation")
-    grad_clip: float = _opt(5.0, "gradient-norm clip (0 = off)", "optimisation")
-    grad_accum: int = _opt(1, "gradient accumulation steps", "optimisation")
+    steps: int = option(4000, "optimizer steps", "optimisation")
+    batch_size: int = option(256, "measurements y per step (per process)", "optimisation")
+    lr: float = option(1e-3, "peak learning rate (AdamW, cosine decay after warmup)", "optimisation")
+    warmup: int = option(100, "linear warmup steps", "optimisation")
+    weight_decay: float = option(0.0, "AdamW weight decay", "optimisation")
+    grad_clip: float = option(5.0, "gradient-norm clip (0 = off)", "optimisation")
+    grad_accum: int = option(1, "gradient accumulation steps", "optimisation")
     # -- run
-    seed: int = _opt(0, "random seed (ranks draw different noise)", "run")
-    mixed_precision: str = _opt("no", "accelerate mixed precision", "run", ("no", "bf16", "fp16"))
-    cpu: bool = _opt(False, "force the CPU even if a GPU is there", "run")
-    checkpoint_every: int = _opt(1000, "save the flow and the training state every N steps", "run")
-    keep: int = _opt(2, "training states kept (older ones are deleted)", "run")
-    log_every: int = _opt(50, "log the loss terms every N steps", "run")
-    sample_every: int = _opt(500, "image tasks: save a PNG grid of posterior samples (and log it) every N steps (0 = off)", "run")
-    ema_decay: float = _opt(0.0, "EMA of the flow's weights, saved as the flow (e.g. 0.999; 0 = off; warms up as "
+    seed: int = option(0, "random seed (ranks draw different noise)", "run")
+    mixed_precision: str = option("no", "accelerate mixed precision", "run", ("no", "bf16", "fp16"))
+    cpu: bool = option(False, "force the CPU even if a GPU is there", "run")
+    checkpoint_every: int = option(1000, "save the flow and the training state every N steps", "run")
+    keep: int = option(2, "training states kept (older ones are deleted)", "run")
+    log_every: int = option(50, "log the loss terms every N steps", "run")
+    sample_every: int = option(500, "image tasks: save a PNG grid of posterior samples (and log it) every N steps (0 = off)", "run")
+    ema_decay: float = option(0.0, "EMA of the flow's weights, saved as the flow (e.g. 0.999; 0 = off; warms up as "
                             "(1+n)/(10+n))", "run")
-    max_seconds: float = _opt(0.0, "stop (saving the flow) after this many seconds of training (0 = no limit); the LR "
+    max_seconds: float = option(0.0, "stop (saving the flow) after this many seconds of training (0 = no limit); the LR "
                               "decay and tempering then follow whichever of steps or time runs out first", "run")
-    resume: bool = _opt(False, "continue the run in --out from its latest training state", "run")
-    dry_run: bool = _opt(False, "print the resolved config and exit", "run")
+    resume: bool = option(False, "continue the run in --out from its latest training state", "run")
+    dry_run: bool = option(False, "print the resolved config and exit", "run")
 
     TASK_FIELDS = ("problem", "mcgdiff", "prior", "operator", "op_arg", "data")
     ARCH_FIELDS = ("flow_layers", "flow_hidden", "flow_blocks", "flow_bins", "flow_tail_bound", "flow_frame",
@@ -156,6 +157,11 @@ def add_arguments(parser: argparse.ArgumentParser, cls=TrainConfig) -> None:
         flag = "--" + f.name.replace("_", "-")
         if f.type in (bool, "bool"):
             group.add_argument(flag, action="store_true", help=meta["help"])
+        elif isinstance(f.default, tuple):  # e.g. UNet channels: --block-out-channels 32 64 96
+            kind = type(f.default[0])
+            conv = (lambda v: v.lower() in ("1", "true", "yes")) if kind is bool else kind
+            group.add_argument(flag, type=conv, nargs="+", default=f.default,
+                               help=f"{meta['help']} (default: {' '.join(map(str, f.default))})")
         elif f.type in (list, "list"):
             group.add_argument(flag, action="append", metavar="KEY=VALUE", help=meta["help"])
         else:
@@ -165,4 +171,7 @@ def add_arguments(parser: argparse.ArgumentParser, cls=TrainConfig) -> None:
 
 
 def from_args(args: argparse.Namespace, cls=TrainConfig):
-    return cls(**{f.name: getattr(args, f.name) for f in dataclasses.fields(cls)})
+    """The config dataclass `cls` from parsed arguments (nargs lists become tuples where the default is one)."""
+    kw = {f.name: getattr(args, f.name) for f in dataclasses.fields(cls)}
+    return cls(**{f.name: tuple(kw[f.name]) if isinstance(f.default, tuple) else kw[f.name]
+                  for f in dataclasses.fields(cls)})

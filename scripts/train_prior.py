@@ -22,6 +22,7 @@ from diffusers import UNet2DModel
 from diffusers.training_utils import EMAModel
 from tqdm.auto import tqdm
 
+from aps.config import add_arguments, from_args
 from aps.data import load_mnist
 from aps.errors import ApsError
 from aps.priors.diffusers_prior import save_pipeline
@@ -110,11 +111,11 @@ def train(cfg: PriorTrainConfig, logging_dir: str) -> dict:
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    PriorTrainConfig.add_arguments(parser)
+    add_arguments(parser, PriorTrainConfig)
     parser.add_argument("--logging-dir", default="runs/mnist-prior", help="TensorBoard logs (kept out of --out)")
     args = parser.parse_args(argv)
     try:
-        cfg = PriorTrainConfig.from_args(args)
+        cfg = from_args(args, PriorTrainConfig).validate()
         if cfg.dry_run:
             print(json.dumps(cfg.to_dict(), indent=2))
             return 0

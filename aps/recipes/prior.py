@@ -5,55 +5,53 @@ The eps loss is Ho et al. 2020's L_simple: E_{x, k, eps} ||eps - eps_theta(abar_
 """
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 
+from ..config import option
 from ..errors import ApsError
 
 
-def _opt(default, help: str, group: str):
-    return field(default=default, metadata={"help": help, "group": group})
 
 
 @dataclass
 class PriorTrainConfig:
     # -- main
-    out: str = _opt("checkpoints/mnist-prior", "output folder: unet/, scheduler/ (DDPMPipeline layout), train_config.json", "main")
+    out: str = option("checkpoints/mnist-prior", "output folder: unet/, scheduler/ (DDPMPipeline layout), train_config.json", "main")
     # -- architecture (diffusers UNet2DModel, 32x32, 1 channel)
-    block_out_channels: tuple = _opt((32, 64, 96), "UNet channels per resolution (32, 16, 8)", "architecture")
-    layers_per_block: int = _opt(2, "ResNet layers per UNet block", "architecture")
-    attention: tuple = _opt((False, True, True), "self-attention in each down block (mirrored going up)", "architecture")
-    norm_num_groups: int = _opt(8, "GroupNorm groups", "architecture")
-    dropout: float = _opt(0.1, "ResNet dropout (regularises against memorising 4,500 digits)", "architecture")
-    num_train_timesteps: int = _opt(1000, "DDPM timesteps (linear betas 1e-4 .. 0.02, eps prediction)", "architecture")
+    block_out_channels: tuple = option((32, 64, 96), "UNet channels per resolution (32, 16, 8)", "architecture")
+    layers_per_block: int = option(2, "ResNet layers per UNet block", "architecture")
+    attention: tuple = option((False, True, True), "self-attention in each down block (mirrored going up)", "architecture")
+    norm_num_groups: int = option(8, "GroupNorm groups", "architecture")
+    dropout: float = option(0.1, "ResNet dropout (regularises against memorising 4,500 digits)", "architecture")
+    num_train_timesteps: int = option(1000, "DDPM timesteps (linear betas 1e-4 .. 0.02, eps prediction)", "architecture")
     # -- optimisation
-    steps: int = _opt(20000, "optimizer steps (the cosine LR runs over min(steps, time budget))", "optimisation")
-    max_seconds: float = _opt(0.0, "stop after this many seconds of training (0 = no limit)", "optimisation")
-    batch_size: int = _opt(256, "images per step per process", "optimisation")
-    grad_accum: int = _opt(1, "gradient accumulation steps", "optimisation")
-    lr: float = _opt(1e-3, "peak learning rate (AdamW)", "optimisation")
-    warmup: int = _opt(500, "linear warmup steps", "optimisation")
-    min_lr_frac: float = _opt(0.05, "final LR as a fraction of the peak", "optimisation")
-    weight_decay: float = _opt(0.0, "AdamW weight decay", "optimisation")
-    grad_clip: float = _opt(1.0, "gradient-norm clip (0 = off)", "optimisation")
-    ema_decay: float = _opt(0.999, "largest EMA decay (warmup power 3/4 reaches it at ~10k steps)", "optimisation")
+    steps: int = option(20000, "optimizer steps (the cosine LR runs over min(steps, time budget))", "optimisation")
+    max_seconds: float = option(0.0, "stop after this many seconds of training (0 = no limit)", "optimisation")
+    batch_size: int = option(256, "images per step per process", "optimisation")
+    grad_accum: int = option(1, "gradient accumulation steps", "optimisation")
+    lr: float = option(1e-3, "peak learning rate (AdamW)", "optimisation")
+    warmup: int = option(500, "linear warmup steps", "optimisation")
+    min_lr_frac: float = option(0.05, "final LR as a fraction of the peak", "optimisation")
+    weight_decay: float = option(0.0, "AdamW weight decay", "optimisation")
+    grad_clip: float = option(1.0, "gradient-norm clip (0 = off)", "optimisation")
+    ema_decay: float = option(0.999, "largest EMA decay (warmup power 3/4 reaches it at ~10k steps)", "optimisation")
     # -- augmentation (no flips: digits are not symmetric)
-    shift_px: int = _opt(2, "random integer translation in [-shift, shift] pixels (exact, no resampling)", "augmentation")
-    affine_prob: float = _opt(0.5, "probability of a small rotation/scale on top (bilinear resampling)", "augmentation")
-    max_rotation_deg: float = _opt(8.0, "rotation in [-r, r] degrees", "augmentation")
-    max_scale: float = _opt(0.08, "scale in [1 - s, 1 + s]", "augmentation")
+    shift_px: int = option(2, "random integer translation in [-shift, shift] pixels (exact, no resampling)", "augmentation")
+    affine_prob: float = option(0.5, "probability of a small rotation/scale on top (bilinear resampling)", "augmentation")
+    max_rotation_deg: float = option(8.0, "rotation in [-r, r] degrees", "augmentation")
+    max_scale: float = option(0.08, "scale in [1 - s, 1 + s]", "augmentation")
     # -- run
-    seed: int = _opt(0, "random seed (ranks draw different batches and noise)", "run")
-    mixed_precision: str = _opt("bf16", "accelerate mixed precision: no, bf16, fp16", "run")
-    cpu: bool = _opt(False, "force the CPU", "run")
-    log_every: int = _opt(100, "log the loss every N steps", "run")
-    save_every_seconds: float = _opt(120.0, "save the EMA model this often (0 = only at the end)", "run")
-    dry_run: bool = _opt(False, "print the resolved config and exit", "run")
+    seed: int = option(0, "random seed (ranks draw different batches and noise)", "run")
+    mixed_precision: str = option("bf16", "accelerate mixed precision: no, bf16, fp16", "run")
+    cpu: bool = option(False, "force the CPU", "run")
+    log_every: int = option(100, "log the loss every N steps", "run")
+    save_every_seconds: float = option(120.0, "save the EMA model this often (0 = only at the end)", "run")
+    dry_run: bool = option(False, "print the resolved config and exit", "run")
 
     def validate(self) -> "PriorTrainConfig":
         """Raise ApsError on nonsense values."""
@@ -70,28 +68,6 @@ class PriorTrainConfig:
         if self.mixed_precision not in ("no", "bf16", "fp16"):
             raise ApsError(f"--mixed-precision must be no, bf16 or fp16, got {self.mixed_precision!r}")
         return self
-
-    @classmethod
-    def add_arguments(cls, parser: argparse.ArgumentParser) -> None:
-        """One typed option per field, grouped by the field's group."""
-        groups = {}
-        for f in dataclasses.fields(cls):
-            group = groups.setdefault(f.metadata["group"], parser.add_argument_group(f.metadata["group"]))
-            flag = "--" + f.name.replace("_", "-")
-            if isinstance(f.default, bool):
-                group.add_argument(flag, action=argparse.BooleanOptionalAction, default=f.default, help=f.metadata["help"])
-            elif isinstance(f.default, tuple):
-                kind = type(f.default[0])
-                conv = (lambda s: s.lower() in ("1", "true", "yes")) if kind is bool else kind
-                group.add_argument(flag, type=conv, nargs="+", default=f.default, help=f.metadata["help"])
-            else:
-                group.add_argument(flag, type=type(f.default), default=f.default, help=f.metadata["help"])
-
-    @classmethod
-    def from_args(cls, args: argparse.Namespace) -> "PriorTrainConfig":
-        kw = {f.name: getattr(args, f.name) for f in dataclasses.fields(cls)}
-        kw = {k: tuple(v) if isinstance(v, list) else v for k, v in kw.items()}
-        return cls(**kw).validate()
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)

@@ -1,30 +1,14 @@
 """The entry scripts on CPU: train, resume, sample, and one clear line for every bad input."""
 import json
-import os
-import subprocess
-import sys
-from pathlib import Path
 
 import pytest
 import torch
 from safetensors.torch import load_file
 
-ROOT = Path(__file__).resolve().parents[1]
-ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
+from cli_helpers import assert_one_line_error, run
+
 TINY = ["--steps", "6", "--batch-size", "16", "--n-z", "2", "--n-elbo", "2", "--flow-layers", "2",
         "--flow-hidden", "16", "--checkpoint-every", "3", "--log-every", "3", "--cpu"]
-
-
-def run(script, *args):
-    return subprocess.run([sys.executable, str(ROOT / script), *map(str, args)], capture_output=True,
-                          text=True, env=ENV, cwd=ROOT, timeout=300)
-
-
-def assert_one_line_error(proc, script, needle):
-    assert proc.returncode == 2, proc.stderr
-    assert "Traceback" not in proc.stderr
-    last = proc.stderr.strip().splitlines()[-1]
-    assert last.startswith(f"{script}: error:") and needle in last, proc.stderr
 
 
 @pytest.fixture(scope="module")

@@ -1,7 +1,6 @@
 """Image tasks end to end on CPU: train.py on a tiny 8x8 diffusers prior, resume, sample.py, clear errors,
 and two real CPU processes ending with the same weights."""
 import json
-import os
 import subprocess
 import sys
 from pathlib import Path
@@ -10,24 +9,12 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-ROOT = Path(__file__).resolve().parents[1]
-ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
+from cli_helpers import ENV, ROOT, assert_one_line_error, run
+
 TINY_FLOW = ["--glow-levels", "2", "--glow-steps", "1", "--glow-hidden", "8", "--glow-cond", "8"]
 TINY = ["--data", "digits8", "--batch-size", "4", "--n-z", "2", "--n-elbo", "1", "--fkl-weight", "1",
         "--warmup", "1", "--log-every", "1", "--checkpoint-every", "2", "--sample-every", "2", "--ema-decay", "0.99",
         "--cpu", *TINY_FLOW]
-
-
-def run(script, *args):
-    return subprocess.run([sys.executable, str(ROOT / script), *map(str, args)], capture_output=True,
-                          text=True, env=ENV, cwd=ROOT, timeout=300)
-
-
-def assert_one_line_error(proc, script, needle):
-    assert proc.returncode == 2, proc.stderr
-    assert "Traceback" not in proc.stderr
-    last = proc.stderr.strip().splitlines()[-1]
-    assert last.startswith(f"{script}: error:") and needle in last, proc.stderr
 
 
 def save_tiny_prior(folder, seed=0):

@@ -180,7 +180,7 @@ def train(cfg: TrainConfig, callback=None) -> Path:
         # Progress drives the LR decay and tempering: the step count, or the time budget if it runs out first.
         progress = step / cfg.steps
         if cfg.max_seconds > 0:
-            progress = max(progress, (time.monotonic() - t_start) / cfg.max_seconds)
+            progress = max(progress, elapsed(accelerator, t_start) / cfg.max_seconds)
         beta = cfg.beta_at(progress)
         for group in opt.param_groups:
             group["lr"] = cfg.lr * lr_factor(cfg, step, progress)
@@ -206,9 +206,7 @@ def train(cfg: TrainConfig, callback=None) -> Path:
             bar.set_postfix(loss=f"{logs['loss']:.3f}", beta=f"{beta:.3f}")
         if cfg.sample_every and (step + 1) % cfg.sample_every == 0 and accelerator.is_main_process:
             _log_preview(accelerator, task, shipped_flow(), out, step + 1)
-        out_of_time = cfg.max_seconds > 0 and time.monotonic() - t_start > cfg.max_seconds
-        # every rank must agree to stop, or save_state would wait for a rank that has left the loop
-        out_of_time = bool(accelerator.reduce(torch.tensor(float(out_of_time), device=accelerator.device), "max"))
+        out_of_time = cfg.max_seconds > 0 and elapsed(accelerator, t_start) > cfg.max_seconds
         if (step + 1) % cfg.checkpoint_every == 0 or step + 1 == cfg.steps or out_of_time:
             save(step + 1)
         if out_of_time:
@@ -218,6 +216,13 @@ def train(cfg: TrainConfig, callback=None) -> Path:
         _log_preview(accelerator, task, shipped_flow(), out, done)
     accelerator.end_training()
     return out
+
+
+def elapsed(accelerator, t_start: float) -> float:
+    """Seconds since t_start by the slowest rank's clock: one clock for all ranks, so that they apply the
+    same LR and tempering beta (keeping DDP weights identical) and agree on when to stop (save_state
+    waits for every rank)."""
+    return accelerator.reduce(torch.tensor(time.monotonic() - t_start, device=accelerator.device), "max").item()
 
 
 def _log_preview(accelerator, task, flow, out: Path, step: int) -> None:

@@ -53,11 +53,6 @@ class APSModel(nn.Module):
         return out
 
 
-def make_problem(cfg: TrainConfig):
-    """The mixture problem named by the config (a file, or the MCGdiff generator)."""
-    return make_task(cfg).problem
-
-
 def make_flow(cfg: TrainConfig, problem) -> nn.Module:
     """A fresh vector flow for a mixture problem (see MixtureTask.make_flow)."""
     return MixtureTask(problem).make_flow(cfg)
@@ -245,4 +240,4 @@ def dry_run(cfg: TrainConfig) -> str:
     return json.dumps(resolve_config(cfg).to_dict(), indent=1)
 
 
-__all__ = ["APSModel", "train", "make_problem", "make_flow", "resolve_config", "dry_run", "load_flow", "build_flow"]
+__all__ = ["APSModel", "train", "make_flow", "resolve_config", "dry_run", "load_flow", "build_flow"]

@@ -1,7 +1,6 @@
 """DiffusersPrior: file round trips, frozen weights, offline errors, and agreement with the exact mixture prior."""
 import json
 import math
-import sys
 import time
 from pathlib import Path
 from types import SimpleNamespace

@@ -52,6 +52,7 @@ def main():
     args = p.parse_args()
 
     acc = Accelerator(cpu=args.cpu, mixed_precision=args.mixed_precision)
+    torch.backends.cuda.matmul.allow_tf32 = True  # TF32 matmuls (convolutions use TF32 by default)
     set_seed(args.seed, device_specific=True)
     prior = DiffusersPrior.from_pretrained(args.prior).to(acc.device)  # frozen: not prepared
     student = ConsistencyModel.from_teacher(prior)

@@ -33,10 +33,11 @@ class PosteriorSampler:
             self.prior.to(device)
         return self
 
-    def latents(self, index: int, n: int, seed: int) -> torch.Tensor:
-        """The n latents z of measurement `index`, (n, *event_shape), from its own generator."""
+    def latents(self, index: int, n: int, seed: int, y: torch.Tensor) -> torch.Tensor:
+        """The n latents z ~ q0(z | y) of measurement `index` (y of shape (1, *y_shape)), (n, *event_shape),
+        from its own CPU generator (the flow's base draws them: N(0, I), or a conditional mixture)."""
         g = torch.Generator().manual_seed(seed * 1_000_003 + index)
-        return torch.randn(n, *self.flow.event_shape, generator=g)
+        return self.flow.sample_z(y, n, generator=g)
 
     @torch.no_grad()
     def sample(self, y: torch.Tensor, n: int, seed: int = 0, chunk: int = 65536, first_index: int = 0,
@@ -54,9 +55,9 @@ class PosteriorSampler:
         per = max(1, chunk // n)  # measurements per forward pass
         for start in tqdm(range(0, len(y), per), disable=not progress, desc="sampling"):
             yb = y[start:start + per]
-            z = torch.cat([self.latents(first_index + start + i, n, seed) for i in range(len(yb))])
+            z = torch.cat([self.latents(first_index + start + i, n, seed, yb[i:i + 1]) for i in range(len(yb))])
             with torch.autocast(self.device.type, dtype=autocast_dtype, enabled=autocast_dtype is not None):
-                x, log_q = self.flow(z.to(self.device), yb)
+                x, log_q = self.flow(z, yb)
             xs.append(x.float().reshape(len(yb), n, *self.flow.event_shape))
             lqs.append(log_q.float().reshape(len(yb), n))
         x, log_q = torch.cat(xs), torch.cat(lqs)

@@ -3,7 +3,7 @@
 Measurements are made on the fly: x ~ the task's clean data (training images, or samples of an exact
 mixture prior), y = A(x) + sigma_y n (aps.tasks says what a task is). Each step
 minimises the tempered APS loss (aps.objective), plus the optional forward-KL term on the same
-(x, y) pairs, averaged over measurements and flow samples.
+(x, y) pairs, averaged over measurements and (with the flow's sample weights) flow samples.
 """
 from __future__ import annotations
 
@@ -43,8 +43,9 @@ class APSModel(nn.Module):
         if cfg.aps_weight > 0:
             terms = objective.aps_terms(self.flow, prior, operator, y, n_z=cfg.n_z, n_elbo=cfg.n_elbo,
                                         elbo_sampling=cfg.elbo_sampling, exact_prior=cfg.exact_prior)
-            loss = cfg.aps_weight * objective.aps_loss(terms, beta).mean()
-            out = {k: terms[k].detach().mean() for k in ("nll", "prior", "log_q")}
+            weight = terms["weight"]  # (B, n): E_z as a weighted mean (stratified for a mixture base)
+            loss = cfg.aps_weight * objective.expectation(objective.aps_loss(terms, beta), weight).mean()
+            out = {k: objective.expectation(terms[k], weight).detach().mean() for k in ("nll", "prior", "log_q")}
         if cfg.fkl_weight > 0 and x_pairs is not None:
             fkl = objective.forward_kl(self.flow, x_pairs, y).mean()
             loss = loss + cfg.fkl_weight * fkl

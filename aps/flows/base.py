@@ -5,8 +5,13 @@ the sample x (the sampling direction) and returns (x, log|det dx/dz|); `inverse`
 
     log q(x | y) = log N(z; 0, I) - sum_layers log|det d(layer)/d(input)|   along z -> x.
 
-Subclasses build `self.nf` (the normflows model, whose base q0 is a standard normal) and
-`encode(y)`, which turns a measurement batch into the context every layer receives.
+Subclasses build `self.nf` (the normflows model, whose base q0 is a standard normal unless the
+subclass overrides `sample_z` and `base_log_prob`) and `encode(y)`, which turns a measurement batch
+into the context every layer receives.
+
+Two ways to draw from q: `sample` gives n i.i.d. samples per y (what users get); `sample_weighted`
+gives samples with weights that sum to 1 per y, sum_j weight_j f(x_j) estimating E_q[f] without
+bias, which the objective reduces with (uniform 1/n here; stratified for a mixture base).
 """
 from __future__ import annotations
 
@@ -51,15 +56,37 @@ class ConditionalFlow(nn.Module):
         n = z.shape[0] // y.shape[0]
         context = _repeat(self.encode(y), n)
         x, log_det = self.nf.forward_and_log_det(z, context=context)
-        return x, standard_normal_log_prob(z) - log_det
+        return x, self.base_log_prob(z, context) - log_det
+
+    def base_log_prob(self, z: torch.Tensor, context) -> torch.Tensor:
+        """log q0(z | y) for z (B, *event_shape) and its (repeated) context, (B,): here log N(z; 0, I)."""
+        return standard_normal_log_prob(z)
+
+    def sample_z(self, y: torch.Tensor, n: int, generator: torch.Generator | None = None) -> torch.Tensor:
+        """n i.i.d. latents z ~ q0(z | y_i) per measurement, (B * n, *event_shape), rows i*n .. i*n + n - 1 for y_i.
+
+        The noise is drawn on the generator's device if one is given (aps.sampling seeds a CPU generator
+        per measurement), else on the flow's, and returned on the flow's device.
+        """
+        ref = next(itertools.chain(self.parameters(), self.buffers()))  # device and dtype
+        dev = generator.device if generator is not None else ref.device
+        z = torch.randn(y.shape[0] * n, *self.event_shape, generator=generator, device=dev, dtype=ref.dtype)
+        return z.to(ref.device)
 
     def sample(self, y: torch.Tensor, n: int, generator: torch.Generator | None = None):
-        """n samples per measurement: y (B, *y_shape) -> x (B, n, *event_shape), log_q (B, n)."""
+        """n i.i.d. samples per measurement: y (B, *y_shape) -> x (B, n, *event_shape), log_q (B, n)."""
         b = y.shape[0]
-        ref = next(itertools.chain(self.parameters(), self.buffers()))  # device and dtype
-        z = torch.randn(b, n, *self.event_shape, generator=generator, device=ref.device, dtype=ref.dtype)
-        x, log_q = self(z.flatten(0, 1), y)
+        x, log_q = self(self.sample_z(y, n, generator), y)
         return x.reshape(b, n, *self.event_shape), log_q.reshape(b, n)
+
+    def sample_weighted(self, y: torch.Tensor, n: int, generator: torch.Generator | None = None):
+        """Weighted samples for expectations under q: x (B, n', *event_shape), log_q (B, n'), weight (B, n').
+
+        sum_j weight_ij f(x_ij) is an unbiased estimate of E_{q(.|y_i)}[f] and the weights sum to 1.
+        Here n' = n i.i.d. samples of weight 1/n; a flow with a mixture base overrides it (stratified).
+        """
+        x, log_q = self.sample(y, n, generator)
+        return x, log_q, torch.full_like(log_q, 1.0 / n)
 
     def log_prob(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         """log q(x | y) for x (B, *event_shape), y (B, *y_shape) -> (B,)."""

@@ -2,8 +2,12 @@
 
 Layers, in the sampling direction z -> x (normflows' forward):
 
-    z ~ N(0, I)  ->  [spline coupling(context = y) -> permutation] x n_layers  ->  u
+    z ~ q0(z | y)  ->  [spline coupling(context = y) -> permutation] x n_layers  ->  u
     u  ->  x = m(y) + L u                         (GaussianFrame: fixed, from the moments)
+
+q0 is N(0, I), or with base_components = K > 1 a conditional K-component Gaussian mixture
+(aps.flows.mixture_base), a mode-coverage lever whose weights the objective trains by stratified
+sampling (`sample_weighted`).
 
 The last layer is the exact posterior of a Gaussian with the prior's mean and covariance under the
 linear operator (mean m(y) linear in y, covariance L L^T). It puts the flow's working space u where
@@ -18,6 +22,7 @@ import normflows as nf
 import torch
 
 from .base import ConditionalFlow
+from .mixture_base import ConditionalGaussianMixture
 
 
 class GaussianFrame(nf.flows.Flow):
@@ -78,14 +83,16 @@ class ConditionalVectorFlow(ConditionalFlow):
     Args:
         d, dy: dimensions of x and y. n_layers: spline couplings. hidden: width of each coupling's
         residual net (num_blocks residual blocks). bins: spline bins. tail_bound: the splines act on
-        [-B, B] in the frame's unit-scale space and are linear outside.
+        [-B, B] in the frame's unit-scale space and are linear outside. base_components: K > 1 makes
+        the base a conditional K-component Gaussian mixture (0 or 1: N(0, I)); base_hidden: the width
+        of its MLP.
     """
 
     def __init__(self, d: int, dy: int, n_layers: int = 8, hidden: int = 128, num_blocks: int = 2,
-                 bins: int = 16, tail_bound: float = 5.0):
+                 bins: int = 16, tail_bound: float = 5.0, base_components: int = 0, base_hidden: int = 64):
         super().__init__()
         self.args = dict(d=d, dy=dy, n_layers=n_layers, hidden=hidden, num_blocks=num_blocks,
-                         bins=bins, tail_bound=tail_bound)
+                         bins=bins, tail_bound=tail_bound, base_components=base_components, base_hidden=base_hidden)
         self.event_shape, self.y_shape = (d,), (dy,)
         layers = []
         for i in range(n_layers):
@@ -95,11 +102,52 @@ class ConditionalVectorFlow(ConditionalFlow):
             if d > 2:  # alternating masks already mix both halves when d == 2
                 layers.append(nf.flows.Permute(d, mode="shuffle"))
         layers.append(GaussianFrame(d, dy))
-        self.nf = nf.ConditionalNormalizingFlow(nf.distributions.DiagGaussian(d, trainable=False), layers)
+        if base_components > 1:
+            q0 = ConditionalGaussianMixture(d, dy, base_components, base_hidden)
+        else:
+            q0 = nf.distributions.DiagGaussian(d, trainable=False)
+        self.nf = nf.ConditionalNormalizingFlow(q0, layers)
 
     @property
     def frame(self) -> GaussianFrame:
         return self.nf.flows[-1]
+
+    @property
+    def mixture_base(self) -> ConditionalGaussianMixture | None:
+        """The conditional mixture base q0(z | y), or None for the standard normal."""
+        return self.nf.q0 if isinstance(self.nf.q0, ConditionalGaussianMixture) else None
+
+    def base_log_prob(self, z, context):
+        if self.mixture_base is None:
+            return super().base_log_prob(z, context)
+        return self.mixture_base.log_prob(z, context)
+
+    def sample_z(self, y, n, generator=None):
+        if self.mixture_base is None:
+            return super().sample_z(y, n, generator)
+        return self.mixture_base.sample_ancestral(self.encode(y), n, generator)
+
+    def sample_weighted(self, y, n, generator=None):
+        """As `ConditionalFlow.sample_weighted`; with a mixture base, stratified: m = ceil(n / K) draws from
+        each of the K components, weights w_k(y) / m, so n' = K * m samples per y."""
+        base = self.mixture_base
+        if base is None:
+            return super().sample_weighted(y, n, generator)
+        b, m = y.shape[0], -(-n // base.n_components)
+        z, weight = base.sample_stratified(self.encode(y), m, generator)  # (B, K * m, d), (B, K * m)
+        x, log_q = self(z.flatten(0, 1), y)
+        return x.reshape(b, -1, *self.event_shape), log_q.reshape(b, -1), weight
+
+    @torch.no_grad()
+    def fit_base(self, x: torch.Tensor, y: torch.Tensor, generator: torch.Generator | None = None) -> None:
+        """Spread the mixture base's components over data pairs x (N, d), y (N, dy) seen in the frame's space.
+
+        Each x goes through the frame for its own measurement, u = L^-1 (x - m(y)): the latents the
+        flow's (near-identity, at initialisation) splines should map there. A no-op without a mixture base.
+        """
+        if self.mixture_base is not None:
+            u, _ = self.frame.inverse(x.to(self.frame.L.dtype), context=self.encode(y).to(self.frame.L.dtype))
+            self.mixture_base.fit(u, generator=generator)
 
     def encode(self, y):
         return (y - self.frame.y_mean) / self.frame.y_scale

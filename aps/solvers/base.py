@@ -62,8 +62,14 @@ class Solver:
         return {"name": self.name}
 
 
+def randn(shape, generator, dtype, device) -> torch.Tensor:
+    """Standard normal noise drawn on the generator's device (a CPU generator may drive a GPU run), moved to device."""
+    source = generator.device if generator is not None else device
+    return torch.randn(shape, generator=generator, dtype=dtype, device=source).to(device)
+
+
 def randn_like(x: torch.Tensor, generator) -> torch.Tensor:
-    return torch.randn(x.shape, generator=generator, dtype=x.dtype, device=x.device)
+    return randn(x.shape, generator, x.dtype, x.device)
 
 
 def measurement_loss(operator, y: torch.Tensor, x0: torch.Tensor, squared: bool = False, tau: float = 0.0,

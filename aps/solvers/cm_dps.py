@@ -19,7 +19,7 @@ from __future__ import annotations
 import torch
 from tqdm.auto import tqdm
 
-from .base import Solver, measurement_loss, prior_dtype, randn_like
+from .base import Solver, measurement_loss, prior_dtype, randn, randn_like
 from .edm import SIGMA_MAX, SIGMA_MIN, karras_sigmas
 from .exact_cm import fast_denoiser
 
@@ -49,7 +49,7 @@ class CMDPS(Solver):
         D = fast_denoiser(prior)  # the prior's D(x; sigma) (closed form for an isotropic mixture)
         sigmas = karras_sigmas(self.steps, self.sigma_min, self.sigma_max).tolist() + [0.0]
         dtype = prior_dtype(prior)
-        x = self.sigma_max * torch.randn((y.shape[0], *prior.event_shape), generator=generator, dtype=dtype)
+        x = self.sigma_max * randn((y.shape[0], *prior.event_shape), generator, dtype, y.device)
         for i in tqdm(range(self.steps), disable=not self.progress, desc="cm1"):
             s, s_next = sigmas[i], sigmas[i + 1]
             with torch.no_grad():

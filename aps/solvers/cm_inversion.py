@@ -15,7 +15,7 @@ from __future__ import annotations
 import torch
 from tqdm.auto import tqdm
 
-from .base import Solver, measurement_loss, prior_dtype
+from .base import Solver, measurement_loss, prior_dtype, randn
 from .edm import SIGMA_MAX, SIGMA_MIN
 
 
@@ -44,12 +44,12 @@ class CMInversion(Solver):
     def _sample(self, prior, operator, y, generator):
         dtype = prior_dtype(prior)
         shape = (y.shape[0], *prior.event_shape)
-        x_T = (self.sigma_max * torch.randn(shape, generator=generator, dtype=dtype)).requires_grad_(True)
+        x_T = (self.sigma_max * randn(shape, generator, dtype, y.device)).requires_grad_(True)
         self._fit(x_T, lambda v: v, operator, y, self.sigma_max, self.lr1, self.k1, generator, "cm2 stage 1")
         with torch.no_grad():
             x0 = self.cm(x_T.detach(), self.sigma_max)
         c = (self.t_s ** 2 - self.sigma_min ** 2) ** 0.5
-        z = torch.randn(shape, generator=generator, dtype=dtype).requires_grad_(True)
+        z = randn(shape, generator, dtype, y.device).requires_grad_(True)
         self._fit(z, lambda v: x0 + c * v, operator, y, self.t_s, self.lr2, self.k2, generator, "cm2 stage 2")
         with torch.no_grad():
             out = self.cm(x0 + c * z.detach(), self.t_s)

@@ -23,7 +23,7 @@ from tqdm.auto import tqdm
 
 from ..schedules import ContinuousSchedule, DiscreteSchedule
 from .exact_cm import MixtureEDMDenoiser, fast_denoiser
-from .base import Solver, measurement_loss, prior_dtype, randn_like
+from .base import Solver, measurement_loss, prior_dtype, randn, randn_like
 
 
 def vp_time_grid(schedule, steps: int | None) -> torch.Tensor:
@@ -52,7 +52,7 @@ class DPS(Solver):
         dtype = prior_dtype(prior)
         fast = fast_denoiser(prior) if isinstance(sched, ContinuousSchedule) else None
         fast = fast if isinstance(fast, MixtureEDMDenoiser) else None
-        x = torch.randn((y.shape[0], *prior.event_shape), generator=generator, dtype=dtype)
+        x = randn((y.shape[0], *prior.event_shape), generator, dtype, y.device)
         for i in tqdm(range(len(times)), disable=not self.progress, desc="dps"):
             a_t, s_t = float(alphas[i]), float(sigmas[i])
             x = x.detach().requires_grad_(True)

@@ -3,7 +3,7 @@
     python scripts/mnist_solver_benchmark.py --aps checkpoints/mnist-sr-flow --cm checkpoints/mnist-cm \
         --n-images 100 --device cuda --out results/mnist-solvers-sr.json
     python scripts/mnist_solver_benchmark.py --aps checkpoints/mnist-sr-flow --n-images 2 --n-tune 2 \
-        --dps-zeta 1 --steps 5 --no-cm --device cpu                                       # smoke
+        --dps-zeta 1 --steps 5 --solvers dps --device cpu                                       # smoke
 
 The operator (and its options) is the APS flow's own (`aps.load(--aps).operator`), so every method sees
 the same A, noise level and measurements. Digits: held-out MNIST-5k indices 0..n-1 are scored; indices
@@ -29,7 +29,7 @@ def main(argv=None) -> int:
     g.add_argument("--aps", required=True, help="an APS flow checkpoint: its operator is the benchmark's")
     g.add_argument("--prior", default="checkpoints/mnist-prior")
     g.add_argument("--cm", default="checkpoints/mnist-cm", help="distilled consistency model (CM I and CM II)")
-    g.add_argument("--no-cm", action="store_true", help="skip the CM solvers")
+    g.add_argument("--solvers", nargs="+", default=["dps", "cm1", "cm2"], choices=["dps", "cm1", "cm2"])
     g.add_argument("--n-images", type=int, default=100, help="held-out digits 0..n-1 scored")
     g.add_argument("--tune-first", type=int, default=400, help="first held-out digit of the tuning set")
     g.add_argument("--n-tune", type=int, default=20)
@@ -97,13 +97,15 @@ def main(argv=None) -> int:
     rows.append(row("aps (posterior mean)", {"checkpoint": args.aps, "samples": args.aps_mean}, xm.mean(1),
                     {"nfe": args.aps_mean, "seconds_per_sample": (t2 - t1) / len(y)}))
 
-    candidates = {"dps": [DPS(z, args.steps) for z in args.dps_zeta]}
-    if not args.no_cm:
+    candidates = {"dps": [DPS(z, args.steps) for z in args.dps_zeta]} if "dps" in args.solvers else {}
+    if {"cm1", "cm2"} & set(args.solvers):
         from aps.solvers.consistency_model import ConsistencyModel
 
         cm = ConsistencyModel.from_pretrained(args.cm).to(device)
-        candidates["cm1"] = [CMDPS(cm, z, args.steps) for z in args.cm1_zeta]
-        candidates["cm2"] = [CMInversion(cm, k1=args.cm2_k, k2=args.cm2_k, lr1=lr) for lr in args.cm2_lr1]
+        if "cm1" in args.solvers:
+            candidates["cm1"] = [CMDPS(cm, z, args.steps) for z in args.cm1_zeta]
+        if "cm2" in args.solvers:
+            candidates["cm2"] = [CMInversion(cm, k1=args.cm2_k, k2=args.cm2_k, lr1=lr) for lr in args.cm2_lr1]
     tuning = []
     for name, solvers in candidates.items():
         best = None

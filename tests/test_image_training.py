@@ -233,3 +233,22 @@ def test_shipped_mnist_flows_load_and_sample(op):
     y, x_true, _ = heldout_measurements(sampler, 0, 2)
     x, log_q = sampler.sample(y, 3)
     assert x.shape == (2, 3, 1, 32, 32) and torch.isfinite(x).all() and torch.isfinite(log_q).all()
+
+
+def test_training_images_are_dequantised_within_one_grey_level():
+    """The forward-KL pairs need a density: x = grid value + U(-1/2, 1/2) of a grey level, never on the grid."""
+    from types import SimpleNamespace
+
+    from aps.data import load_digits8
+    from aps.operators import build
+    from aps.tasks import ImageTask
+
+    images = load_digits8("train")
+    task = ImageTask(SimpleNamespace(event_shape=(1, 8, 8)), build("denoise", image_shape=[1, 8, 8], sigma_y=0.1),
+                     "digits8", images)
+    torch.manual_seed(0)
+    x = task.sample_x(512)
+    step = 2.0 / (task.levels - 1)  # 1/8 for 0..16 mapped to [-1, 1]
+    offset = (x + 1) / step - ((x + 1) / step).round()  # position inside the grey level, in levels
+    assert offset.abs().max() <= 0.5 + 1e-5
+    assert offset.abs().mean() > 0.2  # uniform on (-1/2, 1/2): mean |u| = 1/4; 0 if not dequantised

@@ -23,6 +23,10 @@ RECIPES = {
     "hybrid": dict(temper_start=0.02, n_z=4, fkl_weight=1.0),
     "hybrid_untempered": dict(temper_start=1.0, n_z=4, fkl_weight=1.0),
     "exact_prior_hybrid": dict(temper_start=0.02, n_z=4, fkl_weight=1.0, exact_prior=True),
+    # a conditional Gaussian-mixture base q0(z|y) of K components, stratified: ceil(n_z/K) z per component
+    "tempered_mixbase": dict(temper_start=0.02, n_z=4, fkl_weight=0.0, flow_base_components=8),
+    "hybrid_mixbase": dict(temper_start=0.02, n_z=4, fkl_weight=1.0, flow_base_components=8),
+    "hybrid_mixbase25": dict(temper_start=0.02, n_z=4, fkl_weight=1.0, flow_base_components=25, batch_size=64),
 }
 
 
@@ -38,11 +42,10 @@ def run_one(job):
     spec, recipe, args = job
     torch.set_num_threads(args["threads"])  # many small jobs: one thread each beats oversubscription
     out = Path(args["out"]) / f"d{spec.replace(',', '_')}-{recipe}"
-    overrides = dict(RECIPES[recipe])
-    cfg = TrainConfig(mcgdiff=spec, out=str(out), steps=args["steps"], batch_size=args["batch_size"],
-                      lr=args["lr"], log_every=100, checkpoint_every=args["steps"], cpu=args["device"] == "cpu",
-                      flow_layers=args["flow_layers"], flow_hidden=args["flow_hidden"],
-                      max_seconds=args["max_seconds"], **overrides)
+    fields = dict(mcgdiff=spec, out=str(out), steps=args["steps"], batch_size=args["batch_size"],
+                  lr=args["lr"], log_every=100, checkpoint_every=args["steps"], cpu=args["device"] == "cpu",
+                  flow_layers=args["flow_layers"], flow_hidden=args["flow_hidden"], max_seconds=args["max_seconds"])
+    cfg = TrainConfig(**{**fields, **RECIPES[recipe]})  # a recipe may also set the batch size
     out.mkdir(parents=True, exist_ok=True)
     sys.stderr = open(out / "train.log", "w")  # progress bars of parallel jobs would interleave
     t0 = time.time()
@@ -51,7 +54,9 @@ def run_one(job):
     sampler = aps.load(out, device=args["device"])
     res = evaluate_mixture(sampler, load_problem(out / "problem.safetensors"), n_measurements=8, n_samples=4000)
     steps_done = json.loads((out / "config.json").read_text())["step"]
-    res.update(problem=spec, recipe=recipe, train_seconds=seconds, steps=steps_done, batch_size=args["batch_size"])
+    res.update(problem=spec, recipe=recipe, train_seconds=seconds, steps=steps_done, batch_size=cfg.batch_size)
+    if args["machine"]:
+        res["machine"] = args["machine"]
     (out / "eval.json").write_text(json.dumps(res, indent=1))
     return res
 
@@ -82,6 +87,7 @@ def main():
     p.add_argument("--device", default="cpu", help="cpu or cuda (the flows are small and launch-bound: "
                    "many CPU processes outrun one GPU)")
     p.add_argument("--out", default="results/mixture")
+    p.add_argument("--machine", default="", help="recorded in each result row, e.g. 'dev CPU, 1 thread, 2026-11-25'")
     args = p.parse_args()
     jobs = [(spec, recipe, vars(args)) for spec in args.problems for recipe in args.recipes]
     Path(args.out).mkdir(parents=True, exist_ok=True)

@@ -288,3 +288,38 @@ def test_benchmark_cli_mixture(tmp_path):
                        capture_output=True, text=True, timeout=120, cwd=ROOT)
     assert r.returncode == 0, r.stderr
     assert "| 2,1,0 | dps |" in r.stdout and out.is_file()
+
+
+def test_shipped_cm_loads_offline_in_aps_and_in_diffusers_pipeline():
+    """checkpoints/mnist-cm: aps's wrapper and diffusers' ConsistencyModelPipeline give the same 1-step images."""
+    from diffusers import CMStochasticIterativeScheduler, ConsistencyModelPipeline, UNet2DModel
+
+    from aps.solvers.consistency_model import ConsistencyModel
+
+    folder = Path(__file__).resolve().parents[1] / "checkpoints" / "mnist-cm"
+    cm = ConsistencyModel.from_pretrained(folder)
+    pipe = ConsistencyModelPipeline(unet=UNet2DModel.from_pretrained(folder / "unet"),
+                                    scheduler=CMStochasticIterativeScheduler.from_pretrained(folder / "scheduler"))
+    pipe.set_progress_bar_config(disable=True)
+    img = pipe(batch_size=3, generator=torch.Generator().manual_seed(0), output_type="pt", num_inference_steps=1).images
+    img = torch.as_tensor(img)
+    img = img.permute(0, 3, 1, 2) if img.shape[-1] == 1 else img
+    x_T = torch.randn((3, 1, 32, 32), generator=torch.Generator().manual_seed(0)) * cm.sigma_max
+    with torch.no_grad():
+        ours = cm(x_T, cm.sigma_max).clamp(-1, 1)
+    torch.testing.assert_close(ours, img.float() * 2 - 1, atol=1e-4, rtol=0)
+    assert ours.std() > 0.3  # digits on a black background, not a constant image
+
+
+def test_cm_hub_id_offline_fails_with_one_clear_line(monkeypatch):
+    import huggingface_hub.constants
+
+    from aps.errors import ApsError
+    from aps.solvers.consistency_model import ConsistencyModel
+
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
+    with pytest.raises(ApsError, match="cannot load the consistency model") as err:
+        ConsistencyModel.from_pretrained("no-such-owner/no-such-cm")
+    assert "\n" not in str(err.value)
+    with pytest.raises(ApsError, match="not a consistency-model folder"):
+        ConsistencyModel.from_pretrained("/nonexistent/cm-folder")

@@ -86,18 +86,36 @@ class ConsistencyModel(nn.Module):
         self.scheduler(num_train_timesteps).save_pretrained(folder / "scheduler")
 
     @classmethod
-    def from_pretrained(cls, folder) -> "ConsistencyModel":
-        """Load what save_pretrained wrote (or any diffusers CM folder with unet/ and scheduler/)."""
+    def from_pretrained(cls, path_or_hub_id) -> "ConsistencyModel":
+        """Load what save_pretrained wrote, or any diffusers CM (unet/ and scheduler/ subfolders) from a local
+        folder or a Hugging Face hub id ("owner/name": the local cache first, then online), as priors load.
+        Raises ApsError with what to do when nothing loads."""
         from diffusers import CMStochasticIterativeScheduler, UNet2DModel
 
-        folder = Path(folder)
-        if not (folder / "unet" / "config.json").is_file() or not (folder / "scheduler").is_dir():
-            raise ApsError(f"{folder} is not a consistency-model folder (expects unet/ and scheduler/); "
-                           "distill one with scripts/distill_cm.py")
-        sched = CMStochasticIterativeScheduler.from_pretrained(folder / "scheduler")
-        unet = UNet2DModel.from_pretrained(folder / "unet").eval().requires_grad_(False)
-        c = sched.config
-        return cls(unet, c.sigma_min, c.sigma_max, c.sigma_data)
+        from ..priors.diffusers_prior import _looks_local
+
+        name = str(path_or_hub_id)
+        folder = Path(name).expanduser()
+        if folder.is_dir() or folder.exists() or _looks_local(name):
+            if not (folder / "unet" / "config.json").is_file() or not (folder / "scheduler").is_dir():
+                raise ApsError(f"{name!r} is not a consistency-model folder (expects unet/ and scheduler/); "
+                               "distill one with scripts/distill_cm.py")
+            sources = [dict(pretrained_model_name_or_path=folder)]
+        else:
+            sources = [dict(pretrained_model_name_or_path=name, local_files_only=local) for local in (True, False)]
+        last = None
+        for src in sources:
+            base = src.pop("pretrained_model_name_or_path")
+            try:
+                sched = CMStochasticIterativeScheduler.from_pretrained(base, subfolder="scheduler", **src)
+                unet = UNet2DModel.from_pretrained(base, subfolder="unet", **src).eval().requires_grad_(False)
+                c = sched.config
+                return cls(unet, c.sigma_min, c.sigma_max, c.sigma_data)
+            except Exception as err:  # OSError, huggingface_hub's offline/HTTP errors, ValueError
+                last = err
+        raise ApsError(f"cannot load the consistency model {name!r}: not a local folder, and the Hugging Face hub is "
+                       f"not reachable or has no such model in the cache ({type(last).__name__}); pass a local folder "
+                       "such as checkpoints/mnist-cm") from None
 
     def config(self) -> dict:
         return {"type": "learned", "sigma_min": self.sigma_min, "sigma_max": self.sigma_max,

@@ -4,10 +4,10 @@
 #     SECONDS_PER_FLOW=240 OUT_DIR=runs/image bash scripts/train_image_flows.sh   # the shipped inpaint/sr/classifier flows
 #
 # BATCH_SIZE (64) and CLASSIFIER_FKL (1) are knobs; batch 128 and forward-KL weight 10 did not help (BENCHMARKS.md,
-# "Retraining runs"). Four processes share the GPU, so each gets about half the steps it would get with two.
+# "Retraining runs").
 #
-# The four runs share the GPU as separate processes (H100, batch 64: 3.3 steps/s each with four, 3.4 with
-# two at batch 64 next to a forward-KL-only run; alone, not measured). Each stops at its time budget; the LR decay and tempering follow
+# The four runs share the GPU as separate processes; each is bound by kernel-launch overhead, not arithmetic,
+# so they overlap well (H100, batch 64: 3.3 steps/s each with four processes, 3.5 with two). Each stops at its time budget; the LR decay and tempering follow
 # the budget. Then scripts/image_benchmark.py scores every flow on 200 held-out digits.
 set -euo pipefail
 BUDGET=${SECONDS_PER_FLOW:-240}

@@ -8,6 +8,12 @@
     python sample.py checkpoints/mnist-classifier-flow --y 3,7 --n 1000 --out out/cls.safetensors
 Writes samples (B, N, ...), mean and std (B, ...), log_q (B, N), y, and x_true when known; for image
 checkpoints also one PNG per measurement (measurement | samples | mean | std | truth) in --png-dir.
+
+Several GPUs (or CPU processes): the measurements are split between the processes and gathered on the main
+one, which writes the files. Sampling is seeded per measurement, so the output is the same for any number
+of processes:
+    accelerate launch --multi_gpu --num_processes 4 sample.py checkpoints/mnist-sr-flow --heldout 0:500 --n 10000 ...
+    accelerate launch --cpu --num_processes 2 sample.py runs/d2 --from-prior 64 --n 5000 --out s.safetensors
 """
 import argparse
 
@@ -28,7 +34,8 @@ def main():
     p.add_argument("--n", type=int, default=1000, help="posterior samples per measurement (default: 1000)")
     p.add_argument("--seed", type=int, default=0, help="seed: sample j of measurement i depends only on it (default: 0)")
     p.add_argument("--chunk", type=int, default=8192, help="flow evaluations per forward pass (default: 8192)")
-    p.add_argument("--device", default="cpu", help="torch device (default: cpu)")
+    p.add_argument("--device", default="auto", help="torch device (default: auto = this process's accelerate "
+                   "device: its GPU under `accelerate launch`, else cuda if there is one, else cpu)")
     p.add_argument("--bf16", action="store_true", help="run the flow's coupling networks under bf16 autocast")
     p.add_argument("--out", default="samples.safetensors", help=".safetensors or .npz output file")
     p.add_argument("--no-samples", action="store_true", help="store mean, std and y only, not every sample")
@@ -63,7 +70,13 @@ def main():
             shape = meta["task"].get("operator", {}).get("image_shape")
             extra = {"image_shape": shape} if shape else {}
             operator = build(args.operator, **{**extra, **TrainConfig(op_arg=args.op_arg).operator_args()})
-        sampler = aps.load(args.checkpoint, device=args.device, prior=args.prior, operator=operator)
+        from accelerate import PartialState
+        from accelerate.utils import gather_object
+
+        # cpu=True lets accelerate see several CPU processes (gloo); with cpu=False it looks for GPUs only.
+        state = PartialState(cpu=args.device == "cpu" or (args.device == "auto" and not torch.cuda.is_available()))
+        device = state.device if args.device == "auto" else torch.device(args.device)
+        sampler = aps.load(args.checkpoint, device=device, prior=args.prior, operator=operator)
         op = sampler.operator
         out = {}
         if args.y is not None:
@@ -99,14 +112,27 @@ def main():
             g = torch.Generator().manual_seed(args.seed)
             out["x_true"] = sampler.prior.cpu().sample(args.from_prior, generator=g).float()
             y = sampler.operator.cpu().measure(out["x_true"], generator=g)
-            sampler.to(args.device)
-        x, log_q = sampler.sample(y, args.n, seed=args.seed, chunk=args.chunk, progress=True,
-                                  autocast_dtype=torch.bfloat16 if args.bf16 else None)
-        out.update(mean=x.mean(1), std=x.std(1), y=torch.as_tensor(y))
+            sampler.to(device)
+        # Each process samples a contiguous share of the measurements (seeded by their global index) and the
+        # main process gathers the shares in order.
+        y = torch.as_tensor(y)
+        with state.split_between_processes(list(range(len(y)))) as mine:
+            share = []
+            if mine:
+                x, log_q = sampler.sample(y[mine[0]: mine[-1] + 1], args.n, seed=args.seed, chunk=args.chunk,
+                                          first_index=mine[0], progress=state.is_main_process,
+                                          autocast_dtype=torch.bfloat16 if args.bf16 else None)
+                share = [(mine[0], x.cpu(), log_q.cpu())]
+        parts = sorted(gather_object(share) if state.num_processes > 1 else share, key=lambda part: part[0])
+        if not state.is_main_process:
+            return
+        x, log_q = torch.cat([part[1] for part in parts]), torch.cat([part[2] for part in parts])
+        out.update(mean=x.mean(1), std=x.std(1), y=y.cpu())
         if not args.no_samples:
             out.update(samples=x, log_q=log_q)
         path = write_tensors(args.out, out)
-        print(f"wrote {x.shape[1]} samples for each of {x.shape[0]} measurements to {path}")
+        procs = f" ({state.num_processes} processes)" if state.num_processes > 1 else ""
+        print(f"wrote {x.shape[1]} samples for each of {x.shape[0]} measurements to {path}{procs}")
         if sampler.task.kind == "image":
             folder = Path(args.png_dir) if args.png_dir else path.with_name(path.stem + "_png")
             truth = out.get("x_true")

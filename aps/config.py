@@ -40,6 +40,9 @@ class TrainConfig:
     flow_base_components: int = option(0, "base of the vector flow: K > 1 components of a conditional Gaussian mixture "
                                      "q0(z|y), trained by stratified sampling (ceil(n_z/K) z per component and y); "
                                      "0 or 1: N(0, I)", "flow")
+    flow_fourier: int = option(0, "vector flow: F > 0 appends sin/cos of F random projections of the standardised y "
+                             "to the flow's context (0 = off)", "flow")
+    flow_fourier_scale: float = option(10.0, "std of those projections' frequencies, in units of y's spread", "flow")
     # -- image flow (ConditionalGlow; restored from the checkpoint on --resume)
     glow_levels: int = option(3, "multiscale levels (H and W must be divisible by 2^levels)", "image flow")
     glow_steps: int = option(8, "Glow steps (ActNorm, 1x1 conv, coupling) per level", "image flow")
@@ -82,7 +85,7 @@ class TrainConfig:
 
     TASK_FIELDS = ("problem", "mcgdiff", "prior", "operator", "op_arg", "data")
     ARCH_FIELDS = ("flow_layers", "flow_hidden", "flow_blocks", "flow_bins", "flow_tail_bound", "flow_frame",
-                   "flow_base_components",
+                   "flow_base_components", "flow_fourier", "flow_fourier_scale",
                    "glow_levels", "glow_steps", "glow_hidden", "glow_cond", "glow_clamp", "backprojection") + TASK_FIELDS
 
     def __post_init__(self):
@@ -113,6 +116,8 @@ class TrainConfig:
             raise ApsError(f"--temper-start must be in (0, 1], got {self.temper_start}")
         if not 0 < self.temper_frac <= 1:
             raise ApsError(f"--temper-frac must be in (0, 1], got {self.temper_frac}")
+        if self.flow_fourier < 0 or self.flow_fourier_scale <= 0:
+            raise ApsError("--flow-fourier must be >= 0 and --flow-fourier-scale > 0")
         if self.flow_base_components < 0:
             raise ApsError(f"--flow-base-components must be >= 0, got {self.flow_base_components}")
         if self.fkl_weight < 0 or self.aps_weight < 0 or self.flow_tail_bound <= 0 or self.grad_clip < 0:

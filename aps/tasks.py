@@ -50,7 +50,8 @@ class MixtureTask:
         d, dy = self.prior.dim, self.operator.y_shape[0]
         flow = ConditionalVectorFlow(d, dy, n_layers=cfg.flow_layers, hidden=cfg.flow_hidden,
                                      num_blocks=cfg.flow_blocks, bins=cfg.flow_bins, tail_bound=cfg.flow_tail_bound,
-                                     base_components=cfg.flow_base_components)
+                                     base_components=cfg.flow_base_components, fourier=cfg.flow_fourier,
+                                     fourier_scale=cfg.flow_fourier_scale)
         mean, cov = self.prior.moments()
         scale = self.prior.component_posterior_cov(self.operator) if cfg.flow_frame == "component" else None
         flow.frame.fit(mean, cov, self.operator.matrix(), self.operator.sigma_y, scale_cov=scale)

@@ -25,6 +25,7 @@ RECIPES = {
     "exact_prior_hybrid": dict(temper_start=0.02, n_z=4, fkl_weight=1.0, exact_prior=True),
     # a conditional Gaussian-mixture base q0(z|y) of K components, stratified: ceil(n_z/K) z per component
     "tempered_mixbase": dict(temper_start=0.02, n_z=4, fkl_weight=0.0, flow_base_components=8),
+    "hybrid_fourier": dict(temper_start=0.02, n_z=4, fkl_weight=1.0, flow_fourier=16),
     "hybrid_mixbase": dict(temper_start=0.02, n_z=4, fkl_weight=1.0, flow_base_components=8),
     "hybrid_mixbase25": dict(temper_start=0.02, n_z=4, fkl_weight=1.0, flow_base_components=25, batch_size=64),
 }

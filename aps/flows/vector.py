@@ -28,7 +28,8 @@ from .mixture_base import ConditionalGaussianMixture
 class GaussianFrame(nf.flows.Flow):
     """x = M y + b + L u (forward, z -> x direction) with fixed M (d, dy), b (d,), lower-triangular L (d, d).
 
-    The context is y standardised as (y - y_mean) / y_scale; this layer undoes that itself.
+    The context is y standardised as (y - y_mean) / y_scale (its first dy columns; Fourier features of it
+    may follow); this layer undoes that itself.
     """
 
     def __init__(self, d: int, dy: int):
@@ -40,7 +41,8 @@ class GaussianFrame(nf.flows.Flow):
         self.register_buffer("y_scale", torch.ones(dy))
 
     def _mean(self, context):
-        return (context * self.y_scale + self.y_mean) @ self.M.T + self.b
+        y_std = context[..., : self.M.shape[1]]
+        return (y_std * self.y_scale + self.y_mean) @ self.M.T + self.b
 
     def _log_det(self, n, like):
         return torch.log(torch.diagonal(self.L)).sum().expand(n).to(like.dtype)
@@ -85,25 +87,37 @@ class ConditionalVectorFlow(ConditionalFlow):
         residual net (num_blocks residual blocks). bins: spline bins. tail_bound: the splines act on
         [-B, B] in the frame's unit-scale space and are linear outside. base_components: K > 1 makes
         the base a conditional K-component Gaussian mixture (0 or 1: N(0, I)); base_hidden: the width
-        of its MLP.
+        of its MLP. fourier: F > 0 appends sin and cos of F random projections of the standardised y
+        (frequencies ~ N(0, fourier_scale^2), fixed, saved with the weights) to the context, so the
+        couplings and the base can change quickly with y (posterior mode weights switch on the scale of
+        sigma_y, far below y's spread; Tancik et al. 2020, "Fourier Features Let Networks Learn High
+        Frequency Functions").
     """
 
     def __init__(self, d: int, dy: int, n_layers: int = 8, hidden: int = 128, num_blocks: int = 2,
-                 bins: int = 16, tail_bound: float = 5.0, base_components: int = 0, base_hidden: int = 64):
+                 bins: int = 16, tail_bound: float = 5.0, base_components: int = 0, base_hidden: int = 64,
+                 fourier: int = 0, fourier_scale: float = 10.0):
         super().__init__()
         self.args = dict(d=d, dy=dy, n_layers=n_layers, hidden=hidden, num_blocks=num_blocks,
                          bins=bins, tail_bound=tail_bound, base_components=base_components, base_hidden=base_hidden)
+        if fourier:  # only recorded when used, so older checkpoints' configs stay as they were
+            self.args.update(fourier=fourier, fourier_scale=fourier_scale)
+            g = torch.Generator().manual_seed(0)
+            self.register_buffer("freqs", torch.randn(fourier, dy, generator=g) * fourier_scale)
+        else:
+            self.freqs = None
+        context_dim = dy + 2 * fourier
         self.event_shape, self.y_shape = (d,), (dy,)
         layers = []
         for i in range(n_layers):
             layers.append(nf.flows.CoupledRationalQuadraticSpline(
-                d, num_blocks, hidden, num_context_channels=dy, num_bins=bins, tail_bound=tail_bound,
+                d, num_blocks, hidden, num_context_channels=context_dim, num_bins=bins, tail_bound=tail_bound,
                 reverse_mask=bool(i % 2)))
             if d > 2:  # alternating masks already mix both halves when d == 2
                 layers.append(nf.flows.Permute(d, mode="shuffle"))
         layers.append(GaussianFrame(d, dy))
         if base_components > 1:
-            q0 = ConditionalGaussianMixture(d, dy, base_components, base_hidden)
+            q0 = ConditionalGaussianMixture(d, context_dim, base_components, base_hidden)
         else:
             q0 = nf.distributions.DiagGaussian(d, trainable=False)
         self.nf = nf.ConditionalNormalizingFlow(q0, layers)
@@ -150,7 +164,11 @@ class ConditionalVectorFlow(ConditionalFlow):
             self.mixture_base.fit(u, generator=generator)
 
     def encode(self, y):
-        return (y - self.frame.y_mean) / self.frame.y_scale
+        y_std = (y - self.frame.y_mean) / self.frame.y_scale
+        if self.freqs is None:
+            return y_std
+        proj = y_std @ self.freqs.T
+        return torch.cat([y_std, torch.sin(proj), torch.cos(proj)], -1)
 
     def config(self):
         return {"type": "vector", **self.args}

@@ -27,7 +27,7 @@ from pathlib import Path
 import torch
 
 from aps.data import load_mnist
-from aps.errors import ApsError
+from aps.cli import one_line_errors
 from aps.priors import DiffusersPrior
 from aps.recipes.prior_eval import image_grid, memorisation_report, save_png
 from aps.solvers.consistency_model import ConsistencyModel
@@ -63,12 +63,8 @@ def main(argv=None) -> int:
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--out", default="", help="output folder (default: the CM folder)")
     args = p.parse_args(argv)
-    try:
-        report = evaluate(args)
-    except ApsError as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
-    print(json.dumps(report, indent=1))
+    with one_line_errors("evaluate_cm.py"):
+        print(json.dumps(evaluate(args), indent=1))
     return 0
 
 

@@ -33,14 +33,19 @@ def build_flow(cfg: dict):
     raise ApsError(f"unknown flow type {kind!r} in checkpoint")
 
 
-def save_checkpoint(folder: str | Path, flow, task: dict, train: dict, step: int) -> None:
-    """Write flow weights and config.json into folder (from the unwrapped module; call on one process)."""
+def save_checkpoint(folder: str | Path, flow, task: dict, train: dict, step: int, seconds: float | None = None) -> None:
+    """Write flow weights and config.json into folder (from the unwrapped module; call on one process).
+
+    seconds: training time so far (all sessions of a resumed run), recorded as "train_seconds".
+    """
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     state = {k: v.detach().contiguous().cpu() for k, v in flow.state_dict().items()}
     save_file(state, str(folder / WEIGHTS))
     meta = {"format": FORMAT, "format_version": FORMAT_VERSION, "step": step,
             "flow": flow.config(), "task": task, "train": train}
+    if seconds is not None:
+        meta["train_seconds"] = round(float(seconds), 1)
     (folder / CONFIG).write_text(json.dumps(meta, indent=1))
 
 

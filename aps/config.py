@@ -50,6 +50,8 @@ class TrainConfig:
     glow_cond: int = option(32, "channels of the measurement features", "image flow")
     glow_clamp: float = option(2.0, "soft bound on each coupling's log-scale", "image flow")
     backprojection: bool = option(False, "also feed A^T y (the adjoint of a linear operator) to the flow's encoder", "image flow")
+    class_template: bool = option(True, "classifier operator: end the flow with x = t_c + exp(s_c) * x', a learned image and "
+                                  "log-scale per class started at the class's mean and std of the training images", "image flow")
     # -- objective
     n_z: int = option(4, "flow samples z per measurement y in each step", "objective")
     n_elbo: int = option(8, "(t, eps) draws per x for the prior's ELBO", "objective")
@@ -80,13 +82,17 @@ class TrainConfig:
                             "(1+n)/(10+n))", "run")
     max_seconds: float = option(0.0, "stop (saving the flow) after this many seconds of training (0 = no limit); the LR "
                               "decay and tempering then follow whichever of steps or time runs out first", "run")
+    stop_after: float = option(0.0, "end this session after this many seconds, saving the training state, without "
+                             "ending the run: --resume continues it, and the LR decay and tempering keep following "
+                             "--steps / --max-seconds, counted over all sessions (0 = off)", "run")
     resume: bool = option(False, "continue the run in --out from its latest training state", "run")
     dry_run: bool = option(False, "print the resolved config and exit", "run")
 
     TASK_FIELDS = ("problem", "mcgdiff", "prior", "operator", "op_arg", "data")
     ARCH_FIELDS = ("flow_layers", "flow_hidden", "flow_blocks", "flow_bins", "flow_tail_bound", "flow_frame",
                    "flow_base_components", "flow_fourier", "flow_fourier_scale",
-                   "glow_levels", "glow_steps", "glow_hidden", "glow_cond", "glow_clamp", "backprojection") + TASK_FIELDS
+                   "glow_levels", "glow_steps", "glow_hidden", "glow_cond", "glow_clamp", "backprojection",
+                   "class_template") + TASK_FIELDS
 
     def __post_init__(self):
         self.op_arg = list(self.op_arg or [])
@@ -124,6 +130,8 @@ class TrainConfig:
             raise ApsError("--fkl-weight, --aps-weight and --grad-clip must be >= 0 and --flow-tail-bound > 0")
         if self.fkl_weight == 0 and self.aps_weight == 0:
             raise ApsError("--aps-weight and --fkl-weight are both 0: nothing to train")
+        if self.max_seconds < 0 or self.stop_after < 0:
+            raise ApsError("--max-seconds and --stop-after must be >= 0")
         if not 0 <= self.ema_decay < 1 or self.sample_every < 0 or self.glow_clamp <= 0:
             raise ApsError("--ema-decay must be in [0, 1), --sample-every >= 0 and --glow-clamp > 0")
         return self
@@ -156,7 +164,10 @@ class TrainConfig:
     @classmethod
     def from_dict(cls, d: dict) -> "TrainConfig":
         names = {f.name for f in dataclasses.fields(cls)}
-        return cls(**{k: v for k, v in d.items() if k in names})
+        d = {k: v for k, v in d.items() if k in names}
+        if cls is TrainConfig:
+            d.setdefault("class_template", False)  # runs saved before the option existed were built without it
+        return cls(**d)
 
 
 def add_arguments(parser: argparse.ArgumentParser, cls=TrainConfig) -> None:
@@ -166,7 +177,10 @@ def add_arguments(parser: argparse.ArgumentParser, cls=TrainConfig) -> None:
         meta = f.metadata
         group = groups.setdefault(meta["group"], parser.add_argument_group(meta["group"]))
         flag = "--" + f.name.replace("_", "-")
-        if f.type in (bool, "bool"):
+        if f.type in (bool, "bool") and f.default is True:
+            group.add_argument(flag, action=argparse.BooleanOptionalAction, default=True,
+                               help=f"{meta['help']} (default: on; --no-{flag[2:]} turns it off)")
+        elif f.type in (bool, "bool"):
             group.add_argument(flag, action="store_true", help=meta["help"])
         elif isinstance(f.default, tuple):  # e.g. UNet channels: --block-out-channels 32 64 96
             kind = type(f.default[0])

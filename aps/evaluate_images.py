@@ -8,6 +8,8 @@ Quality, per measurement, from n posterior samples x_1..x_n of q(x | y) against 
     pixel_std                  mean pixelwise std of the samples (diversity)
     class_accuracy             for a classifier operator: how often the operator's own classifier
                                gives the samples the measured class y
+    judge_accuracy             the same by a second classifier that the sampler never saw (`judge`),
+                               so a sampler is not scored only by the network that guided it
 Throughput: flow passes of `batch` samples for one measurement, z drawn on the device.
 """
 from __future__ import annotations
@@ -21,11 +23,12 @@ from .metrics import credible_interval_coverage, psnr, ssim
 
 @torch.no_grad()
 def score_posterior(sampler, y: torch.Tensor, x_true: torch.Tensor, n_samples: int = 100, seed: int = 0,
-                    per_pass: int = 25, n_single: int = 8, autocast_dtype=None) -> dict:
+                    per_pass: int = 25, n_single: int = 8, autocast_dtype=None, judge=None) -> dict:
     """Per-measurement metrics (each a (B,) tensor) for y (B, *y_shape) and x_true (B, C, H, W).
 
     Samples are drawn per_pass measurements at a time with the sampler's per-measurement seeding
-    (measurement i uses seed and i), so results do not depend on per_pass.
+    (measurement i uses seed and i), so results do not depend on per_pass. judge: for a classifier
+    operator, another classifier (a module giving logits) for judge_accuracy.
     """
     out: dict[str, list] = {}
     op = sampler.operator
@@ -54,6 +57,9 @@ def score_posterior(sampler, y: torch.Tensor, x_true: torch.Tensor, n_samples: i
             logits = op(x.flatten(0, 1).to(sampler.device)).float().cpu()
             hit = (logits.argmax(1).view(len(yb), n_samples) == op.labels(yb).cpu()[:, None])
             row["class_accuracy"] = hit.double().mean(1)
+            if judge is not None:
+                judged = judge(x.flatten(0, 1).to(sampler.device)).float().argmax(1).cpu()
+                row["judge_accuracy"] = (judged.view(len(yb), n_samples) == op.labels(yb).cpu()[:, None]).double().mean(1)
         for key, v in row.items():
             out.setdefault(key, []).append(v.double().cpu())
     return {k: torch.cat(v) for k, v in out.items()}

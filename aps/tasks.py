@@ -189,11 +189,34 @@ class ImageTask:
             if not hasattr(self.operator, "adjoint"):
                 raise ApsError(f"--backprojection needs a linear operator with an adjoint; {self.operator.name} has none")
             extra = self.operator.x_shape[0]
+        template = cfg.class_template and y_kind(self.operator) == "class"
         flow = ConditionalGlow(self.operator.x_shape, self.operator.y_shape, y_kind(self.operator),
                                levels=cfg.glow_levels, steps_per_level=cfg.glow_steps, hidden_channels=cfg.glow_hidden,
                                cond_channels=cfg.glow_cond, clamp=cfg.glow_clamp,
-                               n_classes=getattr(self.operator, "n_classes", 10), extra_channels=extra)
+                               n_classes=getattr(self.operator, "n_classes", 10), extra_channels=extra,
+                               class_template=template)
+        if template and self.images is not None:
+            flow.init_class_template(*self.class_statistics())
         return self.attach(flow)
+
+    @torch.no_grad()
+    def class_statistics(self, chunk: int = 1000) -> tuple[torch.Tensor, torch.Tensor]:
+        """Mean and std (n_classes, C, H, W) of the training images of each class, as the operator labels them.
+
+        The labels are the operator's own most likely class (its classifier's argmax), so the statistics
+        belong to the likelihood the flow is trained for, whatever data set the images come from. A class
+        with fewer than two images gets the overall mean and std.
+        """
+        op = self.operator
+        labels = torch.cat([op(self.images[i:i + chunk]).argmax(1) for i in range(0, len(self.images), chunk)])
+        x = self.images.float()
+        mean = x.mean(0, keepdim=True).repeat(op.n_classes, 1, 1, 1)
+        std = x.std(0, keepdim=True).repeat(op.n_classes, 1, 1, 1)
+        for c in range(op.n_classes):
+            xc = x[labels == c]
+            if len(xc) >= 2:
+                mean[c], std[c] = xc.mean(0), xc.std(0)
+        return mean, std
 
     def attach(self, flow):
         """Give the flow A^T y when it was built to take it (a callable, not saved with the weights)."""

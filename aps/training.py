@@ -152,7 +152,7 @@ def train(cfg: TrainConfig, callback=None) -> Path:
     accelerator.init_trackers("aps", config={k: v for k, v in cfg.to_dict().items() if isinstance(v, (int, float, str))
                                              and not isinstance(v, bool)})
 
-    start = 0
+    start, seconds_before = 0, 0.0
     if cfg.resume:
         states = sorted((out / "checkpoints").glob("checkpoint_*"), key=lambda p: int(p.name.split("_")[-1]))
         if not states:
@@ -160,7 +160,8 @@ def train(cfg: TrainConfig, callback=None) -> Path:
         accelerator.load_state(str(states[-1]))
         # load_state does not advance accelerate's naming counter; without this the next save collides.
         accelerator.project_configuration.iteration = int(states[-1].name.split("_")[-1]) + 1
-        start = read_config(out)["step"]
+        saved = read_config(out)
+        start, seconds_before = saved["step"], float(saved.get("train_seconds", 0.0))
 
     def shipped_flow():
         return ema.module if ema is not None else accelerator.unwrap_model(model).flow
@@ -168,9 +169,15 @@ def train(cfg: TrainConfig, callback=None) -> Path:
     def save(step):
         accelerator.save_state()  # every rank must call it (it waits for all)
         if accelerator.is_main_process:
-            save_checkpoint(out, shipped_flow(), task.config(), cfg.to_dict(), step)
+            save_checkpoint(out, shipped_flow(), task.config(), cfg.to_dict(), step, seconds=run_seconds())
 
-    t_start, done = time.monotonic(), start
+    # the run's clock counts every session: a resumed run goes on with its LR decay and tempering
+    t_session = time.monotonic()
+    t_start, done = t_session - seconds_before, start
+
+    def run_seconds():
+        return elapsed(accelerator, t_start)
+
     bar = tqdm(range(start, cfg.steps), initial=start, total=cfg.steps, disable=not accelerator.is_main_process)
     for step in bar:
         # Progress drives the LR decay and tempering: the step count, or the time budget if it runs out first.
@@ -203,10 +210,15 @@ def train(cfg: TrainConfig, callback=None) -> Path:
         if cfg.sample_every and (step + 1) % cfg.sample_every == 0 and accelerator.is_main_process:
             _log_preview(accelerator, task, shipped_flow(), out, step + 1)
         out_of_time = cfg.max_seconds > 0 and elapsed(accelerator, t_start) > cfg.max_seconds
-        if (step + 1) % cfg.checkpoint_every == 0 or step + 1 == cfg.steps or out_of_time:
+        session_over = cfg.stop_after > 0 and elapsed(accelerator, t_session) > cfg.stop_after
+        if (step + 1) % cfg.checkpoint_every == 0 or step + 1 == cfg.steps or out_of_time or session_over:
             save(step + 1)
         if out_of_time:
             accelerator.print(f"stopping at step {step + 1}: --max-seconds {cfg.max_seconds} reached")
+            break
+        if session_over:
+            accelerator.print(f"pausing at step {step + 1}: --stop-after {cfg.stop_after} reached; "
+                              f"continue with --resume")
             break
     if accelerator.is_main_process and cfg.sample_every:
         _log_preview(accelerator, task, shipped_flow(), out, done)

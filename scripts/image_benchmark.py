@@ -10,6 +10,7 @@ Prints a Markdown table and writes everything to --out (JSON) and, optionally, a
 import argparse
 import json
 import time
+from pathlib import Path
 
 
 def main():
@@ -24,12 +25,14 @@ def main():
                    help="time flow passes of these batch sizes, fp32 and bf16 autocast (default: none)")
     p.add_argument("--out", default="image_benchmark.json", help="JSON results (default: image_benchmark.json)")
     p.add_argument("--grid-dir", help="write one PNG grid (8 digits) per flow here")
+    p.add_argument("--judge", default=str(Path(__file__).resolve().parents[1] / "checkpoints" / "mnist-classifier-heldout"),
+                   help="classifier flows: a second classifier folder (SmallCNN) that scores the samples' class "
+                        "beside the operator's own (default: checkpoints/mnist-classifier-heldout; '' = none)")
     args = p.parse_args()
 
     from aps.cli import one_line_errors
 
     with one_line_errors("image_benchmark.py"):
-        from pathlib import Path
 
         import torch
 
@@ -41,13 +44,19 @@ def main():
         results = {"device": torch.cuda.get_device_name() if args.device.startswith("cuda") else "cpu",
                    "torch": torch.__version__, "n_heldout": args.n_heldout, "n_samples": args.n_samples,
                    "flows": {}}
+        judge = None
         for ckpt in args.checkpoints:
             sampler = aps.load(ckpt, device=args.device)
+            if args.judge and hasattr(sampler.operator, "n_classes") and judge is None:
+                from aps.operators.classifier import load_classifier
+                judge, judge_cfg = load_classifier(args.judge)
+                judge = judge.to(args.device)
+                results["judge"] = {"path": args.judge, "test_accuracy": judge_cfg.get("test_accuracy")}
             name = Path(ckpt).name
             y, x_true, _ = heldout_measurements(sampler, 0, args.n_heldout, seed=args.seed)
             t0 = time.perf_counter()
             scores = score_posterior(sampler, y, x_true, args.n_samples, seed=args.seed,
-                                     autocast_dtype=torch.bfloat16 if args.bf16 else None)
+                                     autocast_dtype=torch.bfloat16 if args.bf16 else None, judge=judge)
             entry = {"operator": sampler.meta["task"]["operator"], "step": sampler.meta.get("step"),
                      "scoring_seconds": time.perf_counter() - t0, "metrics": summarize_scores(scores)}
             for batch in args.throughput:
@@ -70,7 +79,8 @@ def main():
 
 def markdown(results: dict) -> str:
     """The results as Markdown tables: quality per flow, then throughput."""
-    keys = ["psnr_mean", "ssim_mean", "psnr_sample", "ssim_sample", "coverage90", "pixel_std", "class_accuracy"]
+    keys = ["psnr_mean", "ssim_mean", "psnr_sample", "ssim_sample", "coverage90", "pixel_std", "class_accuracy",
+            "judge_accuracy"]
     lines = ["| flow | " + " | ".join(keys) + " |", "|---|" + "---|" * len(keys)]
     for name, e in results["flows"].items():
         m = e["metrics"]

@@ -55,14 +55,18 @@ def main():
     p.add_argument("--seed", type=int, default=0, help="seeds init, batches and augmentation")
     p.add_argument("--threads", type=int, default=1,
                    help="torch CPU threads (1: on a busy 2-core machine, threaded conv backward ran 5x slower)")
+    p.add_argument("--widths", type=int, nargs=3, default=[16, 32, 32], metavar="W",
+                   help="conv widths of the three stages (default: 16 32 32)")
     p.add_argument("--out", type=Path, default=DEFAULT_PATH, help="output folder")
     args = p.parse_args()
+    if min(args.widths) < 1 or args.steps < 1 or args.batch_size < 1:
+        p.error("--widths, --steps and --batch-size must be positive")
 
     torch.set_num_threads(args.threads)
     torch.manual_seed(args.seed)
     gen = torch.Generator().manual_seed(args.seed)
     x_train, y_train = load_mnist("train"), load_mnist_labels("train")  # (4500, 1, 32, 32), (4500,)
-    image_shape, widths = (1, 32, 32), (16, 32, 32)
+    image_shape, widths = (1, 32, 32), tuple(args.widths)
     net = SmallCNN(image_shape, widths, 10)
     opt = torch.optim.AdamW(net.parameters(), lr=args.lr, weight_decay=1e-4)
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, args.lr, total_steps=args.steps, pct_start=0.1)
@@ -97,9 +101,12 @@ def main():
            "train_seconds": round(seconds, 1), "machine": machine, "command": command.strip(),
            "train_accuracy": round(train_acc, 4), "test_accuracy": round(test_acc, 4)}
     (args.out / "config.json").write_text(json.dumps(cfg, indent=2) + "\n")
-    (args.out / "README.md").write_text(f"""# mnist-classifier
+    role = ("The frozen CNN behind the `classifier` operator (aps/operators/classifier.py)" if args.out.resolve() == DEFAULT_PATH.resolve()
+            else "A second MNIST classifier, never used as an operator: it judges the class of posterior samples\n"
+                 "(scripts/image_benchmark.py --judge), so a sampler is not scored by the network that guided it")
+    (args.out / "README.md").write_text(f"""# {args.out.name}
 
-The frozen CNN behind the `classifier` operator (aps/operators/classifier.py): x (1, 32, 32) in
+{role}: x (1, 32, 32) in
 [-1, 1] -> logits over the 10 digits; the measurement is a class label, p(y | x) = softmax(logits)_y.
 
 - Architecture: SmallCNN, conv widths {list(widths)}, 3x3 convs, SiLU, 2x2 average pooling, linear head;

@@ -19,6 +19,7 @@ CASES = {
     "vector": ("vector", (12,), {}),
     "vector_backprojection": ("vector", (12,), dict(extra_channels=1)),
     "class": ("class", (), dict(n_classes=10)),
+    "class_template": ("class", (), dict(n_classes=10, class_template=True)),
     "color_3_levels": ("image", (3, 8, 8), dict(levels=3)),
 }
 A = torch.randn(12, 64, generator=torch.Generator().manual_seed(1))
@@ -139,6 +140,28 @@ def test_starts_as_a_rotation():
     torch.testing.assert_close(x.flatten(1).norm(dim=1), z.flatten(1).norm(dim=1))
 
 
+def test_class_template_starts_as_the_class_gaussian():
+    """Started from class statistics, q(x | c) is exactly N(mean_c, diag max(std_c, 0.05)^2): the Glow is a rotation."""
+    flow = make_flow("class_template", perturb=False)
+    g = torch.Generator().manual_seed(3)
+    mean, std = torch.randn(10, *EVENT, generator=g), torch.rand(10, *EVENT, generator=g)
+    flow.init_class_template(mean, std)
+    y = torch.tensor([0, 3, 3, 9])
+    with torch.no_grad():
+        x, log_q = flow.sample(y, n=500, generator=g)
+    m, s = mean[y][:, None], std[y].clamp_min(0.05)[:, None]
+    exact = torch.distributions.Normal(m, s).log_prob(x).flatten(2).sum(2)
+    torch.testing.assert_close(log_q, exact, atol=1e-3, rtol=1e-5)
+    # and the samples have those moments (500 per class: a few standard errors)
+    assert (x.mean(1) - m[:, 0]).abs().div(s[:, 0]).max() < 0.3
+    assert (x.std(1) / s[:, 0]).sub(1).abs().max() < 0.25
+    assert torch.equal(flow.encoder.lift.weight, mean.mean(1).flatten(1))
+    with pytest.raises(ApsError, match="shape"):
+        flow.init_class_template(mean[:3], std[:3])
+    with pytest.raises(ApsError, match="without class_template"):
+        make_flow("class").init_class_template(mean, std)
+
+
 def test_bf16_autocast_keeps_the_stream_fp32():
     flow = make_flow("image")
     y, z = make_y("image", 2), torch.randn(4, *EVENT)
@@ -174,6 +197,8 @@ def test_bad_arguments():
         ConditionalGlow((1, 12, 12), (1, 12, 12), "image", levels=3)
     with pytest.raises(ApsError):
         ConditionalGlow((1, 8, 8), (1, 3, 3), "small_image", levels=2)
+    with pytest.raises(ApsError, match="class_template needs y_kind 'class'"):
+        ConditionalGlow((1, 8, 8), (1, 8, 8), "image", levels=2, class_template=True)
     flow = make_flow("vector_backprojection")
     flow.backprojection = None
     with pytest.raises(ApsError):

@@ -185,9 +185,12 @@ def test_every_conditioning_kind_trains_in_process(prior, tmp_path):
         x, _ = sampler.sample(y, 3)
         assert x.shape == (2, 3, 1, 8, 8) and torch.isfinite(x).all(), op
         if op == "classifier":
+            assert sampler.flow.config().get("class_template") is True  # the default for a class label
             from aps.evaluate_images import score_posterior
-            scores = score_posterior(sampler, y, x_true, n_samples=4)
+            scores = score_posterior(sampler, y, x_true, n_samples=4, judge=sampler.operator.net)
             assert 0 <= scores["class_accuracy"].min() <= scores["class_accuracy"].max() <= 1
+            # judged by the operator's own network, the judge agrees with class_accuracy
+            torch.testing.assert_close(scores["judge_accuracy"], scores["class_accuracy"])
 
 
 def _two_rank_training(prior, out, marks):
@@ -252,3 +255,53 @@ def test_training_images_are_dequantised_within_one_grey_level():
     offset = (x + 1) / step - ((x + 1) / step).round()  # position inside the grey level, in levels
     assert offset.abs().max() <= 0.5 + 1e-5
     assert offset.abs().mean() > 0.2  # uniform on (-1/2, 1/2): mean |u| = 1/4; 0 if not dequantised
+
+
+def test_class_statistics_follow_the_operators_labels(tmp_path):
+    """The class template starts at the mean and std of the training images the classifier puts in each class."""
+    from types import SimpleNamespace
+
+    from safetensors.torch import save_file
+
+    from aps.operators import build
+    from aps.operators.classifier import SmallCNN
+    from aps.tasks import ImageTask
+
+    torch.manual_seed(0)
+    save_file(SmallCNN((1, 8, 8), widths=(4, 4, 4)).state_dict(), str(tmp_path / "model.safetensors"))
+    (tmp_path / "config.json").write_text(json.dumps({"format_version": 1, "architecture": "SmallCNN",
+                                                      "image_shape": [1, 8, 8], "widths": [4, 4, 4], "n_classes": 10}))
+    op = build("classifier", image_shape=(1, 8, 8), path=str(tmp_path))
+    images = torch.randn(300, 1, 8, 8, generator=torch.Generator().manual_seed(1))
+    task = ImageTask(SimpleNamespace(event_shape=(1, 8, 8)), op, "digits8", images)
+    mean, std = task.class_statistics(chunk=64)
+    labels = op(images).argmax(1)
+    assert mean.shape == std.shape == (10, 1, 8, 8)
+    for c in range(10):
+        xc = images[labels == c]
+        if len(xc) >= 2:
+            torch.testing.assert_close(mean[c], xc.mean(0))
+            torch.testing.assert_close(std[c], xc.std(0))
+        else:  # too few images in the class: the overall statistics
+            torch.testing.assert_close(mean[c], images.mean(0))
+    assert len(labels.unique()) >= 2  # the check above saw real classes
+
+
+def test_stop_after_pauses_and_resume_finishes_with_one_clock(tmp_path):
+    """--stop-after ends a session with the training state saved; --resume goes on and the run's clock adds up."""
+    from aps.config import TrainConfig
+    from aps.training import train
+
+    steps = []
+    cfg = TrainConfig(mcgdiff="2,1,0", out=str(tmp_path / "run"), steps=6, batch_size=8, n_z=1, n_elbo=1,
+                      flow_layers=1, flow_hidden=8, flow_blocks=1, warmup=1, log_every=1, checkpoint_every=100,
+                      cpu=True, stop_after=1e-9, max_seconds=1e4)
+    train(cfg, callback=lambda acc, model, step: steps.append(step))
+    first = json.loads((tmp_path / "run" / "config.json").read_text())
+    assert steps == [1] and first["step"] == 1 and first["train_seconds"] >= 0  # paused after one step, saved
+    reset_accelerate()
+    cfg.resume, cfg.stop_after = True, 0.0
+    train(cfg, callback=lambda acc, model, step: steps.append(step))
+    done = json.loads((tmp_path / "run" / "config.json").read_text())
+    assert steps == [1, 2, 3, 4, 5, 6] and done["step"] == 6
+    assert done["train_seconds"] >= first["train_seconds"]

@@ -22,6 +22,12 @@ trained by reverse KL has no data batch to initialise from anyway. With zero-ini
 outputs and identity ActNorms the flow starts as a random rotation per pixel block: x = Q z, log_q =
 log N(z).
 
+A class label is the least a flow can be told: the couplings must make the whole digit from it. For
+the classifier operator the flow can end with a per-class template and spread (`class_template`,
+`ConditionalPixelAffine`), started at the class-conditional mean and std of the training images, so
+the flow starts as the class's Gaussian and the couplings learn the rest; without it the first
+session's classifier flows collapsed to one image for every label (BENCHMARKS.md).
+
 Speed (the sampler draws thousands of x per y): y is encoded once and its maps are broadcast over
 the n samples of each measurement inside the couplings (`forward` does not repeat the context);
 the maps enter each coupling through a 1x1 conv, since a 3x3 over them would be most of the
@@ -38,7 +44,7 @@ from torch import nn
 
 from ..errors import ApsError
 from .base import ConditionalFlow, standard_normal_log_prob
-from .layers import ConditionalAffineCoupling, LUInvertibleConv1x1, Unconditional
+from .layers import ConditionalAffineCoupling, ConditionalPixelAffine, LUInvertibleConv1x1, Unconditional
 
 Y_KINDS = ("image", "small_image", "vector", "class")
 
@@ -50,6 +56,8 @@ class MeasurementEncoder(nn.Module):
     bilinearly, "vector" through a linear layer to one channel (a learned linear reconstruction),
     "class" through an embedding to one channel (a learned template); an optional extra feature
     image (e.g. A^T y) is concatenated. A 3x3 stem, then per level a stride-2 block, gives the maps.
+    With `class_template` ("class" only) one more item follows the maps: a learned image and
+    log-scale of the class, (t, s), each (B, C, H, W), for the flow's last layer.
 
     Args:
         event_shape: (C, H, W) of x.
@@ -59,12 +67,21 @@ class MeasurementEncoder(nn.Module):
         cond_channels: channels of every map.
         n_classes: classes for "class".
         extra_channels: channels of the extra feature image (0: none).
-    Shapes: y (B, *y_shape), extra (B, extra_channels, H, W) -> tuple of L tensors (B, cond_channels, H/2^l, W/2^l).
+        class_template: also give (t, s) per class (see above).
+    Shapes: y (B, *y_shape), extra (B, extra_channels, H, W) -> tuple of L tensors (B, cond_channels, H/2^l, W/2^l)
+        [+ the pair (t, s)].
     """
 
-    def __init__(self, event_shape, y_shape, y_kind, levels, cond_channels, n_classes, extra_channels):
+    def __init__(self, event_shape, y_shape, y_kind, levels, cond_channels, n_classes, extra_channels,
+                 class_template: bool = False):
         super().__init__()
-        _, h, w = event_shape
+        c, h, w = event_shape
+        if class_template:  # (t, s) per class for the flow's last layer (ConditionalPixelAffine), identity to start
+            self.template = nn.Embedding(n_classes, c * h * w)
+            self.template_log_scale = nn.Embedding(n_classes, c * h * w)
+            nn.init.zeros_(self.template.weight)
+            nn.init.zeros_(self.template_log_scale.weight)
+        self.class_template, self.event_shape = class_template, tuple(event_shape)
         self.y_kind, self.size = y_kind, (h, w)
         if y_kind in ("image", "small_image"):
             stem_in = y_shape[0]
@@ -104,6 +121,10 @@ class MeasurementEncoder(nn.Module):
         for block in self.down:
             h = block(h)
             maps.append(h)
+        if self.class_template:
+            label = y.reshape(b).long()
+            maps.append((self.template(label).view(b, *self.event_shape),
+                         self.template_log_scale(label).view(b, *self.event_shape)))
         return tuple(maps)
 
 
@@ -124,6 +145,9 @@ class ConditionalGlow(ConditionalFlow):
             concatenated to the encoder's input; given to `encode(y, extra)`, or made by
             `self.backprojection(y)` (a plain callable set after construction, not saved) when
             `forward`/`sample`/`log_prob` call `encode(y)`.
+        class_template: y_kind "class" only: end the flow (sampling direction) with x = t_c + exp(s_c) * x',
+            a learned image and log-scale per class (`ConditionalPixelAffine`); `init_class_template` starts
+            them at the class's training-image mean and std.
     Shapes: `sample(y, n)`: y (B, *y_shape) -> x (B, n, C, H, W), log_q (B, n); `log_prob(x, y)` -> (B,).
 
     Example:
@@ -145,6 +169,7 @@ class ConditionalGlow(ConditionalFlow):
         clamp: float = 2.0,
         n_classes: int = 10,
         extra_channels: int = 0,
+        class_template: bool = False,
     ):
         super().__init__()
         self.event_shape, self.y_shape = tuple(event_shape), tuple(y_shape)
@@ -152,11 +177,13 @@ class ConditionalGlow(ConditionalFlow):
             y_kind=y_kind, levels=levels, steps_per_level=steps_per_level, hidden_channels=hidden_channels,
             cond_channels=cond_channels, clamp=float(clamp), n_classes=n_classes, extra_channels=extra_channels,
         )
+        if class_template:  # recorded only when on, so configs of flows without it stay as they were
+            self._args["class_template"] = True
         self._check_args()
         self.extra_channels = extra_channels
         self.backprojection: Callable | None = None
         self.encoder = MeasurementEncoder(
-            self.event_shape, self.y_shape, y_kind, levels, cond_channels, n_classes, extra_channels
+            self.event_shape, self.y_shape, y_kind, levels, cond_channels, n_classes, extra_channels, class_template
         )
         c = self.event_shape[0]
         # sampling order (z -> x): squeeze z to the coarsest level, then from coarse to fine the
@@ -172,6 +199,8 @@ class ConditionalGlow(ConditionalFlow):
                     Unconditional(nf.flows.AffineConstFlow((n, 1, 1)), n),
                 ]
             flows.append(Unconditional(nf.flows.Squeeze()))
+        if class_template:
+            flows.append(ConditionalPixelAffine(index=levels))
         q0 = nf.distributions.DiagGaussian(self.event_shape, trainable=False)
         self.nf = nf.ConditionalNormalizingFlow(q0, flows)
 
@@ -201,6 +230,26 @@ class ConditionalGlow(ConditionalFlow):
                 raise ApsError("n_classes must be >= 1")
             if a["extra_channels"]:
                 raise ApsError("y_kind 'class' takes no extra feature image")
+        elif a.get("class_template"):
+            raise ApsError(f"class_template needs y_kind 'class', got {kind!r}")
+
+    @torch.no_grad()
+    def init_class_template(self, mean: torch.Tensor, std: torch.Tensor, min_std: float = 0.05) -> None:
+        """Start the class template at per-class image statistics: mean, std (n_classes, C, H, W).
+
+        The last layer then starts as x = mean_c + max(std_c, min_std) * x', and the encoder's class
+        embedding (the one-channel image every coupling's features start from) as the channel-mean of
+        mean_c. min_std keeps the always-black border from starting as a near-singular direction.
+        """
+        enc = self.encoder
+        if not getattr(enc, "class_template", False):
+            raise ApsError("this flow was built without class_template")
+        shape = (enc.template.num_embeddings, *self.event_shape)
+        if tuple(mean.shape) != shape or tuple(std.shape) != shape:
+            raise ApsError(f"class template statistics must have shape {shape}, got {tuple(mean.shape)} and {tuple(std.shape)}")
+        enc.template.weight.copy_(mean.flatten(1))
+        enc.template_log_scale.weight.copy_(std.clamp_min(min_std).log().flatten(1))
+        enc.lift.weight.copy_(mean.mean(1).flatten(1))
 
     def encode(self, y: torch.Tensor, extra: torch.Tensor | None = None) -> tuple:
         """Context from y (B, *y_shape) [and an extra image (B, extra_channels, H, W)]: L maps (B, cond, H/2^l, W/2^l)."""

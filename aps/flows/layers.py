@@ -172,3 +172,39 @@ class ConditionalAffineCoupling(Flow):
         s, t = self._scale_shift(x_a, context)
         z_b = (x_b - t) * (-s).exp()
         return torch.cat([x_a, z_b, x[:, n:]], 1), -s.flatten(1).sum(1)
+
+
+class ConditionalPixelAffine(Flow):
+    """x = z * exp(s) + t per pixel, with (t, s) images of the measurement: `context[index]` = (t, s).
+
+    The last layer of a class-conditional image flow (sampling direction): t and s are a learned image
+    and log-scale per class, so q(x | c) is "a template of the class plus a learned, class-dependent
+    spread times what the Glow makes". Started at the class's mean and std of the training images,
+    the flow is N(mean_c, diag std_c^2) at step 0 (the couplings start as the identity and the 1x1
+    convs are rotations), a pseudo-inverse of the classifier that a label alone cannot give the
+    couplings quickly. log|det| = sum s.
+
+    Args:
+        index: which item of the context tuple holds (t, s), each (B', C, H, W) with B' dividing z's batch
+            (z's rows i*n .. i*n + n - 1 belong to context row i).
+    Shapes: z (B, C, H, W) -> x (B, C, H, W), log_det (B,).
+    """
+
+    def __init__(self, index: int):
+        super().__init__()
+        self.index = index
+
+    def _shift_scale(self, z, context):
+        t, s = (v.to(z.dtype) for v in context[self.index])
+        if t.shape[0] != z.shape[0]:  # n samples per measurement: broadcast instead of repeating
+            n = z.shape[0] // t.shape[0]
+            t, s = t.repeat_interleave(n, 0), s.repeat_interleave(n, 0)
+        return t, s
+
+    def forward(self, z, context=None):
+        t, s = self._shift_scale(z, context)
+        return z * s.exp() + t, s.flatten(1).sum(1)
+
+    def inverse(self, x, context=None):
+        t, s = self._shift_scale(x, context)
+        return (x - t) * (-s).exp(), -s.flatten(1).sum(1)

@@ -61,6 +61,8 @@ class TrainConfig:
     temper_start: float = option(0.02, "tempering: beta rises geometrically from this to 1 (1 = off)", "objective")
     temper_frac: float = option(0.5, "fraction of the steps over which beta reaches 1", "objective")
     fkl_weight: float = option(0.0, "weight of the mass-covering forward-KL term -log q(x|y) on data pairs", "objective")
+    likelihood_weight: float = option(1.0, "guidance scale w: the APS term targets p(x) p(y|x)^w (1 = the posterior; "
+                                      "> 1 sharpens it, for a weak likelihood such as a class label)", "objective")
     aps_weight: float = option(1.0, "weight of the APS (reverse-KL) term; 0 trains by forward KL alone (a reference)", "objective")
     # -- optimisation
     steps: int = option(4000, "optimizer steps", "optimisation")
@@ -126,6 +128,8 @@ class TrainConfig:
             raise ApsError("--flow-fourier must be >= 0 and --flow-fourier-scale > 0")
         if self.flow_base_components < 0:
             raise ApsError(f"--flow-base-components must be >= 0, got {self.flow_base_components}")
+        if not self.likelihood_weight > 0:
+            raise ApsError(f"--likelihood-weight must be positive, got {self.likelihood_weight}")
         if self.fkl_weight < 0 or self.aps_weight < 0 or self.flow_tail_bound <= 0 or self.grad_clip < 0:
             raise ApsError("--fkl-weight, --aps-weight and --grad-clip must be >= 0 and --flow-tail-bound > 0")
         if self.fkl_weight == 0 and self.aps_weight == 0:

@@ -7,7 +7,8 @@ For a measurement y and x = G_phi(z; y), z ~ N(0, I):
 an upper bound of KL(q_phi(.|y) || p(.|y)) - log p(y), with L(x) >= -log p_theta(x) the frozen
 prior's ELBO. Here -log p(y|x) carries its normalising constant and log q = log N(z) - log|det|
 carries E_z[log N(z)], so the reduced loss estimates KL - log p(y) (+ the ELBO gap) exactly,
-not just up to a constant. Tempering (beta < 1) flattens the target: beta (nll + prior) + log_q.
+not just up to a constant. Tempering (beta < 1) flattens the target: beta (nll + prior) + log_q; an
+optional likelihood weight (guidance scale) w sharpens it: beta (w nll + prior) + log_q.
 
 E_z is estimated by the flow's weighted samples, sum_j weight_j f(x_j) (`expectation`): weights 1/n_z
 for i.i.d. draws of a standard-normal base; w_k(y) / m for the stratified draws of a mixture base,
@@ -47,9 +48,14 @@ def aps_terms(flow, prior, operator, y, n_z: int = 1, n_elbo: int = 1, elbo_samp
             "weight": weight}
 
 
-def aps_loss(terms: dict, beta: float = 1.0) -> torch.Tensor:
-    """Per-sample tempered loss beta * (nll + prior) + log_q, (B, n); beta = 1 is DESIGN.md's loss."""
-    return beta * (terms["nll"] + terms["prior"]) + terms["log_q"]
+def aps_loss(terms: dict, beta: float = 1.0, likelihood_weight: float = 1.0) -> torch.Tensor:
+    """Per-sample tempered loss beta * (w nll + prior) + log_q, (B, n); beta = w = 1 is DESIGN.md's loss.
+
+    w > 1 targets p(x) p(y | x)^w instead of the posterior: the guidance scale of classifier guidance
+    (Dhariwal & Nichol 2021), a sharpened posterior, for likelihoods too weak for the flow to follow
+    (a class label carries at most log 10 nats against the prior's hundreds). Off (1) by default.
+    """
+    return beta * (likelihood_weight * terms["nll"] + terms["prior"]) + terms["log_q"]
 
 
 def expectation(values: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:

@@ -44,7 +44,7 @@ class APSModel(nn.Module):
             terms = objective.aps_terms(self.flow, prior, operator, y, n_z=cfg.n_z, n_elbo=cfg.n_elbo,
                                         elbo_sampling=cfg.elbo_sampling, exact_prior=cfg.exact_prior)
             weight = terms["weight"]  # (B, n): E_z as a weighted mean (stratified for a mixture base)
-            loss = cfg.aps_weight * objective.expectation(objective.aps_loss(terms, beta), weight).mean()
+            loss = cfg.aps_weight * objective.expectation(objective.aps_loss(terms, beta, cfg.likelihood_weight), weight).mean()
             out = {k: objective.expectation(terms[k], weight).detach().mean() for k in ("nll", "prior", "log_q")}
         if cfg.fkl_weight > 0 and x_pairs is not None:
             fkl = objective.forward_kl(self.flow, x_pairs, y).mean()

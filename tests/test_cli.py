@@ -80,6 +80,8 @@ def test_sample_missing_or_foreign_checkpoint(tmp_path):
     (["--problem", "missing.npz"], "not found"),
     ([], "--problem"),
     (["--mcgdiff", "2,1,0", "--temper-start", "0"], "--temper-start"),
+    (["--mcgdiff", "2,1,0", "--likelihood-weight", "0"], "--likelihood-weight"),
+    (["--mcgdiff", "2,1,0", "--stop-after", "-1"], "--stop-after"),
 ])
 def test_train_bad_input(tmp_path, args, needle):
     assert_one_line_error(run("train.py", *args, "--out", tmp_path / "o", "--cpu"), "train.py", needle)

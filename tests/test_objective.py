@@ -66,6 +66,13 @@ def test_tempering_scales_only_the_target():
     assert float(objective.aps_loss(terms, beta=0.5)) == pytest.approx(0.5 * 5.0 - 1.0)
 
 
+def test_likelihood_weight_scales_only_the_likelihood():
+    """beta (w nll + prior) + log_q: the guidance scale w multiplies -log p(y|x) alone, under the tempering."""
+    terms = {"nll": torch.tensor([[2.0]]), "prior": torch.tensor([[3.0]]), "log_q": torch.tensor([[-1.0]])}
+    assert float(objective.aps_loss(terms, beta=0.5, likelihood_weight=3.0)) == pytest.approx(0.5 * (6.0 + 3.0) - 1.0)
+    assert float(objective.aps_loss(terms, likelihood_weight=1.0)) == float(objective.aps_loss(terms))
+
+
 class FrozenNetPrior(GaussianMixturePrior):
     """The exact mixture eps behind a frozen linear layer (identity): a prior with network weights."""
 

@@ -88,6 +88,8 @@ class TrainConfig:
                              "ending the run: --resume continues it, and the LR decay and tempering keep following "
                              "--steps / --max-seconds, counted over all sessions (0 = off)", "run")
     resume: bool = option(False, "continue the run in --out from its latest training state", "run")
+    init_from: str = option("", "start a new run from the weights of this checkpoint folder (same task and architecture; "
+                          "fresh optimizer and schedule), e.g. to train a shipped flow longer", "run")
     dry_run: bool = option(False, "print the resolved config and exit", "run")
 
     TASK_FIELDS = ("problem", "mcgdiff", "prior", "operator", "op_arg", "data")
@@ -134,6 +136,8 @@ class TrainConfig:
             raise ApsError("--fkl-weight, --aps-weight and --grad-clip must be >= 0 and --flow-tail-bound > 0")
         if self.fkl_weight == 0 and self.aps_weight == 0:
             raise ApsError("--aps-weight and --fkl-weight are both 0: nothing to train")
+        if self.init_from and self.resume:
+            raise ApsError("--init-from starts a new run and --resume continues one: give one of them")
         if self.max_seconds < 0 or self.stop_after < 0:
             raise ApsError("--max-seconds and --stop-after must be >= 0")
         if not 0 <= self.ema_decay < 1 or self.sample_every < 0 or self.glow_clamp <= 0:

@@ -91,6 +91,27 @@ def resolve_config(cfg: TrainConfig) -> TrainConfig:
     return TrainConfig.from_dict(merged).validate()
 
 
+def _init_from(flow, task, folder) -> None:
+    """Load the weights of checkpoint `folder` into `flow`: it must be for the same task, with the same architecture."""
+    meta = read_config(folder)
+    if isinstance(task, MixtureTask):  # the task config names only the problem file: compare the problems
+        import numpy as np
+
+        saved_problem = load_problem(Path(folder) / PROBLEM_FILE).arrays()
+        same = all(np.array_equal(a.shape, b.shape) and np.allclose(a, b, rtol=1e-6, atol=1e-9)
+                   for a, b in zip(saved_problem.values(), task.problem.arrays().values()))
+        if not same:
+            raise ApsError(f"--init-from: {folder} was trained for another task (another mixture problem)")
+    if meta["task"] != task.config():
+        raise ApsError(f"--init-from: {folder} was trained for another task (saved {json.dumps(meta['task'])}, "
+                       f"now {json.dumps(task.config())})")
+    if meta["flow"] != flow.config():
+        raise ApsError(f"--init-from: the flow in {folder} has another architecture ({json.dumps(meta['flow'])}); "
+                       f"pass the same flow options")
+    saved, _ = load_flow(folder)
+    flow.load_state_dict(saved.state_dict())
+
+
 def _ema(flow, decay: float):
     """EMA of the flow's weights (torch AveragedModel), decay warming up as min(decay, (1 + n) / (10 + n)).
 
@@ -131,6 +152,8 @@ def train(cfg: TrainConfig, callback=None) -> Path:
             raise ApsError(f"--resume: the prior or operator changed since the run in {out} started "
                            f"(saved task {json.dumps(saved)}, now {json.dumps(task.config())})")
     flow = task.make_flow(cfg)
+    if cfg.init_from:
+        _init_from(flow, task, cfg.init_from)
     ema = _ema(flow, cfg.ema_decay) if cfg.ema_decay > 0 else None
     if ema is not None:
         task.attach(ema.module)  # the deep copy holds its own reference to A^T

@@ -305,3 +305,27 @@ def test_stop_after_pauses_and_resume_finishes_with_one_clock(tmp_path):
     done = json.loads((tmp_path / "run" / "config.json").read_text())
     assert steps == [1, 2, 3, 4, 5, 6] and done["step"] == 6
     assert done["train_seconds"] >= first["train_seconds"]
+
+
+def test_init_from_starts_a_new_run_at_a_checkpoints_weights(tmp_path):
+    """--init-from loads the weights (same task and architecture) and trains on with a fresh optimizer."""
+    from aps.config import TrainConfig
+    from aps.errors import ApsError
+    from aps.training import train
+
+    base = dict(mcgdiff="2,1,0", steps=2, batch_size=8, n_z=1, n_elbo=1, flow_layers=1, flow_hidden=8, flow_blocks=1,
+                warmup=1, log_every=1, checkpoint_every=100, cpu=True)
+    train(TrainConfig(**base, out=str(tmp_path / "a")))
+    source = load_file(tmp_path / "a" / "flow.safetensors")
+    reset_accelerate()
+    train(TrainConfig(**{**base, "steps": 1, "seed": 7}, lr=1e-12, out=str(tmp_path / "b"), init_from=str(tmp_path / "a")))
+    started = load_file(tmp_path / "b" / "flow.safetensors")
+    assert all(torch.allclose(source[k], started[k], atol=1e-6) for k in source)  # a 1e-12 step moves nothing
+    reset_accelerate()
+    train(TrainConfig(**{**base, "steps": 1, "seed": 7}, lr=1e-12, out=str(tmp_path / "c")))
+    fresh = load_file(tmp_path / "c" / "flow.safetensors")
+    assert any(not torch.allclose(source[k], fresh[k], atol=1e-6) for k in source)  # without it: other weights
+    for change, needle in [({"mcgdiff": "2,1,1"}, "another task"), ({"flow_hidden": 16}, "another architecture")]:
+        reset_accelerate()
+        with pytest.raises(ApsError, match=needle):
+            train(TrainConfig(**{**base, **change}, out=str(tmp_path / "d"), init_from=str(tmp_path / "a")))

@@ -191,8 +191,9 @@ def train(cfg: TrainConfig, callback=None) -> Path:
 
     def save(step):
         accelerator.save_state()  # every rank must call it (it waits for all)
+        seconds = run_seconds()  # a collective (the slowest rank's clock): every rank, not only the main one
         if accelerator.is_main_process:
-            save_checkpoint(out, shipped_flow(), task.config(), cfg.to_dict(), step, seconds=run_seconds())
+            save_checkpoint(out, shipped_flow(), task.config(), cfg.to_dict(), step, seconds=seconds)
 
     # the run's clock counts every session: a resumed run goes on with its LR decay and tempering
     t_session = time.monotonic()

@@ -26,6 +26,9 @@ RECIPES = {
     # a conditional Gaussian-mixture base q0(z|y) of K components, stratified: ceil(n_z/K) z per component
     "tempered_mixbase": dict(temper_start=0.02, n_z=4, fkl_weight=0.0, flow_base_components=8),
     "hybrid_fourier": dict(temper_start=0.02, n_z=4, fkl_weight=1.0, flow_fourier=16),
+    # a diagnostic, not APS: hybrid_fourier with the mixture's exact -log p(x) in place of its ELBO, to see how much
+    # of the remaining error the ELBO (its gap depends on x, so its optimum is not the posterior) accounts for
+    "exact_prior_fourier": dict(temper_start=0.02, n_z=4, fkl_weight=1.0, flow_fourier=16, exact_prior=True),
     "hybrid_mixbase": dict(temper_start=0.02, n_z=4, fkl_weight=1.0, flow_base_components=8),
     "hybrid_mixbase25": dict(temper_start=0.02, n_z=4, fkl_weight=1.0, flow_base_components=25, batch_size=64),
 }

@@ -26,6 +26,8 @@ RECIPES = {
     # a conditional Gaussian-mixture base q0(z|y) of K components, stratified: ceil(n_z/K) z per component
     "tempered_mixbase": dict(temper_start=0.02, n_z=4, fkl_weight=0.0, flow_base_components=8),
     "hybrid_fourier": dict(temper_start=0.02, n_z=4, fkl_weight=1.0, flow_fourier=16),
+    # more and higher Fourier frequencies of y (the mode weights switch within ~sigma_y / spread(y) ~ 0.01)
+    "hybrid_fourier64": dict(temper_start=0.02, n_z=4, fkl_weight=1.0, flow_fourier=64, flow_fourier_scale=30.0),
     # a diagnostic, not APS: hybrid_fourier with the mixture's exact -log p(x) in place of its ELBO, to see how much
     # of the remaining error the ELBO (its gap depends on x, so its optimum is not the posterior) accounts for
     "exact_prior_fourier": dict(temper_start=0.02, n_z=4, fkl_weight=1.0, flow_fourier=16, exact_prior=True),

@@ -1,7 +1,6 @@
 """DiffusersPrior: file round trips, frozen weights, offline errors, and agreement with the exact mixture prior."""
 import json
 import math
-import socket
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -83,21 +82,17 @@ def test_bf16_autocast_returns_the_input_dtype():
     assert (eps - ref).norm() / ref.norm() < 5e-2
 
 
-def test_hub_id_offline_fails_at_once_with_one_clear_line(monkeypatch):
-    import huggingface_hub.constants
-
-    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
-    hub_id = "no-such-owner/no-such-ddpm-model"  # offline (HF_HUB_OFFLINE): nothing is fetched
-
-    def no_network(*args, **kwargs):
-        raise AssertionError("from_pretrained tried to open a network connection while offline")
-
-    # "at once": no connection (and so no retry or timeout) is even attempted
-    monkeypatch.setattr(socket.socket, "connect", no_network)
-    monkeypatch.setattr(socket, "create_connection", no_network)
+def test_hub_id_loads_from_a_local_cache_and_fails_at_once_offline(offline_hub):
+    """No network: a tiny prior saved into a local hub cache loads by its hub id; an id that is not cached fails
+    with one clear line, without even trying to connect (the fixture closes sockets)."""
+    prior = tiny_prior()
+    offline_hub(prior, "aps-test/tiny-ddpm")
+    loaded = DiffusersPrior.from_pretrained("aps-test/tiny-ddpm")
+    x, t = torch.randn(2, 1, 8, 8), torch.tensor([3.0, 500.0])
+    with torch.no_grad():
+        torch.testing.assert_close(loaded.eps(x, t), prior.eps(x, t))
     with pytest.raises(ApsError, match="local folder") as err:
-        DiffusersPrior.from_pretrained(hub_id)
+        DiffusersPrior.from_pretrained("no-such-owner/no-such-ddpm-model")
     assert "\n" not in str(err.value)
 
 

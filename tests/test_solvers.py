@@ -311,22 +311,14 @@ def test_shipped_cm_loads_offline_in_aps_and_in_diffusers_pipeline():
     assert ours.std() > 0.3  # digits on a black background, not a constant image
 
 
-def test_cm_hub_id_loads_from_the_local_cache_and_fails_cleanly_offline(monkeypatch, tmp_path):
+def test_cm_hub_id_loads_from_the_local_cache_and_fails_cleanly_offline(offline_hub):
     """No network: a tiny CM saved into a local hub cache (models--owner--name/snapshots/<rev>) loads by its
-    hub id; an id that is not cached fails with one ApsError line (HF_HUB_OFFLINE: nothing is fetched)."""
-    import huggingface_hub.constants
-
+    hub id; an id that is not cached fails with one ApsError line (hub offline, sockets closed)."""
     from aps.errors import ApsError
     from aps.solvers.consistency_model import ConsistencyModel
 
-    rev = "0" * 40
-    repo = tmp_path / "hub" / "models--aps-test--tiny-cm"
     cm = ConsistencyModel(tiny_unet())
-    cm.save_pretrained(repo / "snapshots" / rev)
-    (repo / "refs").mkdir()
-    (repo / "refs" / "main").write_text(rev)
-    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path / "hub"))
-    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
+    offline_hub(cm, "aps-test/tiny-cm")
     loaded = ConsistencyModel.from_pretrained("aps-test/tiny-cm")
     x = torch.randn(2, 1, 8, 8)
     with torch.no_grad():

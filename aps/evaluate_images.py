@@ -54,12 +54,14 @@ def score_posterior(sampler, y: torch.Tensor, x_true: torch.Tensor, n_samples: i
             "pixel_std": std.flatten(1).mean(1).double(),
         }
         if is_class:
-            logits = op(x.flatten(0, 1).to(sampler.device)).float().cpu()
-            hit = (logits.argmax(1).view(len(yb), n_samples) == op.labels(yb).cpu()[:, None])
-            row["class_accuracy"] = hit.double().mean(1)
+            x_dev, labels = x.flatten(0, 1).to(sampler.device), op.labels(yb).cpu()[:, None]
+
+            def accuracy(net):  # fraction of each y's samples that `net` puts in class y, (b,)
+                return (net(x_dev).float().argmax(1).cpu().view(len(yb), n_samples) == labels).double().mean(1)
+
+            row["class_accuracy"] = accuracy(op)
             if judge is not None:
-                judged = judge(x.flatten(0, 1).to(sampler.device)).float().argmax(1).cpu()
-                row["judge_accuracy"] = (judged.view(len(yb), n_samples) == op.labels(yb).cpu()[:, None]).double().mean(1)
+                row["judge_accuracy"] = accuracy(judge)
         for key, v in row.items():
             out.setdefault(key, []).append(v.double().cpu())
     return {k: torch.cat(v) for k, v in out.items()}

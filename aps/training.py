@@ -196,8 +196,7 @@ def train(cfg: TrainConfig, callback=None) -> Path:
             save_checkpoint(out, shipped_flow(), task.config(), cfg.to_dict(), step, seconds=seconds)
 
     # the run's clock counts every session: a resumed run goes on with its LR decay and tempering
-    t_session = time.monotonic()
-    t_start, done = t_session - seconds_before, start
+    t_start, done = time.monotonic() - seconds_before, start
 
     def run_seconds():
         return elapsed(accelerator, t_start)
@@ -233,8 +232,10 @@ def train(cfg: TrainConfig, callback=None) -> Path:
             bar.set_postfix(loss=f"{logs['loss']:.3f}", beta=f"{beta:.3f}")
         if cfg.sample_every and (step + 1) % cfg.sample_every == 0 and accelerator.is_main_process:
             _log_preview(accelerator, task, shipped_flow(), out, step + 1)
-        out_of_time = cfg.max_seconds > 0 and elapsed(accelerator, t_start) > cfg.max_seconds
-        session_over = cfg.stop_after > 0 and elapsed(accelerator, t_session) > cfg.stop_after
+        # one reading of the run's clock (a collective) per step, and only when a time limit is set
+        now = run_seconds() if cfg.max_seconds > 0 or cfg.stop_after > 0 else 0.0
+        out_of_time = cfg.max_seconds > 0 and now > cfg.max_seconds
+        session_over = cfg.stop_after > 0 and now - seconds_before > cfg.stop_after
         if (step + 1) % cfg.checkpoint_every == 0 or step + 1 == cfg.steps or out_of_time or session_over:
             save(step + 1)
         if out_of_time:

@@ -30,6 +30,19 @@ def save_tiny_prior(folder, seed=0):
     return folder
 
 
+def save_tiny_classifier(folder):
+    """A random 8x8 SmallCNN classifier folder (model.safetensors + config.json) for the classifier operator."""
+    from safetensors.torch import save_file
+
+    from aps.operators.classifier import SmallCNN
+
+    folder.mkdir(parents=True)
+    save_file(SmallCNN((1, 8, 8), widths=(4, 4, 4)).state_dict(), str(folder / "model.safetensors"))
+    (folder / "config.json").write_text(json.dumps({"format_version": 1, "architecture": "SmallCNN",
+                                                    "image_shape": [1, 8, 8], "widths": [4, 4, 4], "n_classes": 10}))
+    return folder
+
+
 def reset_accelerate():
     """accelerate keeps one process-wide state; in-process runs with other settings need it cleared."""
     from accelerate.state import AcceleratorState, GradientState
@@ -161,16 +174,9 @@ def test_train_cli_error_is_one_line(prior, tmp_path):
 def test_every_conditioning_kind_trains_in_process(prior, tmp_path):
     """denoise (image), inpainting (mask channel), cs (vector) and a classifier (class), bf16 + accumulation."""
     from aps.config import TrainConfig
-    from aps.operators.classifier import SmallCNN
     from aps.training import train
 
-    cls = tmp_path / "cls"
-    cls.mkdir()
-    net = SmallCNN((1, 8, 8), widths=(4, 4, 4))
-    from safetensors.torch import save_file
-    save_file(net.state_dict(), str(cls / "model.safetensors"))
-    (cls / "config.json").write_text(json.dumps({"format_version": 1, "architecture": "SmallCNN",
-                                                 "image_shape": [1, 8, 8], "widths": [4, 4, 4], "n_classes": 10}))
+    cls = save_tiny_classifier(tmp_path / "cls")
     for op, extra in [("denoise", []), ("inpaint_box", []), ("cs", ["m=16"]), ("classifier", [f"path={cls}"])]:
         cfg = TrainConfig(prior=str(prior), operator=op, op_arg=extra, data="digits8", out=str(tmp_path / op),
                           steps=2, batch_size=4, n_z=1, n_elbo=1, fkl_weight=1.0, warmup=1, log_every=1,
@@ -261,17 +267,11 @@ def test_class_statistics_follow_the_operators_labels(tmp_path):
     """The class template starts at the mean and std of the training images the classifier puts in each class."""
     from types import SimpleNamespace
 
-    from safetensors.torch import save_file
-
     from aps.operators import build
-    from aps.operators.classifier import SmallCNN
     from aps.tasks import ImageTask
 
     torch.manual_seed(0)
-    save_file(SmallCNN((1, 8, 8), widths=(4, 4, 4)).state_dict(), str(tmp_path / "model.safetensors"))
-    (tmp_path / "config.json").write_text(json.dumps({"format_version": 1, "architecture": "SmallCNN",
-                                                      "image_shape": [1, 8, 8], "widths": [4, 4, 4], "n_classes": 10}))
-    op = build("classifier", image_shape=(1, 8, 8), path=str(tmp_path))
+    op = build("classifier", image_shape=(1, 8, 8), path=str(save_tiny_classifier(tmp_path / "cls")))
     images = torch.randn(300, 1, 8, 8, generator=torch.Generator().manual_seed(1))
     task = ImageTask(SimpleNamespace(event_shape=(1, 8, 8)), op, "digits8", images)
     mean, std = task.class_statistics(chunk=64)

@@ -242,7 +242,7 @@ class ConditionalGlow(ConditionalFlow):
         mean_c. min_std keeps the always-black border from starting as a near-singular direction.
         """
         enc = self.encoder
-        if not getattr(enc, "class_template", False):
+        if not enc.class_template:
             raise ApsError("this flow was built without class_template")
         shape = (enc.template.num_embeddings, *self.event_shape)
         if tuple(mean.shape) != shape or tuple(std.shape) != shape:

@@ -194,17 +194,16 @@ class ConditionalPixelAffine(Flow):
         super().__init__()
         self.index = index
 
-    def _shift_scale(self, z, context):
-        t, s = (v.to(z.dtype) for v in context[self.index])
-        if t.shape[0] != z.shape[0]:  # n samples per measurement: broadcast instead of repeating
-            n = z.shape[0] // t.shape[0]
-            t, s = t.repeat_interleave(n, 0), s.repeat_interleave(n, 0)
-        return t, s
+    def _affine(self, v, context, sign: float):
+        """x = z exp(s) + t (sign 1) or z = (x - t) exp(-s) (sign -1); t, s broadcast over the n samples of each y."""
+        t, s = (c.to(v.dtype)[:, None] for c in context[self.index])  # (B', 1, C, H, W)
+        v = v.unflatten(0, (t.shape[0], -1))  # (B', n, C, H, W)
+        out = v * s.exp() + t if sign > 0 else (v - t) * (-s).exp()
+        log_det = sign * s.flatten(2).sum(2).expand(-1, v.shape[1])  # (B', n)
+        return out.flatten(0, 1), log_det.flatten()
 
     def forward(self, z, context=None):
-        t, s = self._shift_scale(z, context)
-        return z * s.exp() + t, s.flatten(1).sum(1)
+        return self._affine(z, context, 1.0)
 
     def inverse(self, x, context=None):
-        t, s = self._shift_scale(x, context)
-        return (x - t) * (-s).exp(), -s.flatten(1).sum(1)
+        return self._affine(x, context, -1.0)

@@ -112,20 +112,69 @@ def _init_from(flow, task, folder) -> None:
     flow.load_state_dict(saved.state_dict())
 
 
-def _ema(flow, decay: float):
-    """EMA of the flow's weights (torch AveragedModel), decay warming up as min(decay, (1 + n) / (10 + n)).
+class EMA(nn.Module):
+    """EMA of a flow's weights, decay warming up as min(decay, (1 + n) / (10 + n)); `module` is the averaged copy.
 
-    The warmup keeps a short run's EMA from being mostly the random initialisation.
+    The warmup keeps a short run's EMA from being mostly the random initialisation. The same update and
+    state_dict (module.*, n_averaged) as torch's AveragedModel(use_buffers=False) with that decay, which it
+    replaces: AveragedModel reads its device-side counter n_averaged on the host three times per update (a
+    device sync each), so here the count is also kept as a Python int (read from the buffer once after a load).
     """
-    from torch.optim.swa_utils import AveragedModel
+
+    def __init__(self, flow: nn.Module, decay: float):
+        super().__init__()
+        import copy
+
+        self.module = copy.deepcopy(flow)
+        self.decay = float(decay)
+        self.register_buffer("n_averaged", torch.tensor(0, dtype=torch.long))
+        self._n = 0
+
+    def load_state_dict(self, state_dict, strict: bool = True, assign: bool = False):
+        result = super().load_state_dict(state_dict, strict=strict, assign=assign)
+        self._n = None  # read from the loaded buffer at the next update
+        return result
 
     @torch.no_grad()
-    def update(ema_params, params, n_averaged):
-        n = int(n_averaged)
-        d = min(decay, (1 + n) / (10 + n))
-        torch._foreach_lerp_(ema_params, params, 1 - d)
+    def update_parameters(self, flow: nn.Module) -> None:
+        if self._n is None:
+            self._n = int(self.n_averaged)
+        ema_params, params = list(self.module.parameters()), [p.detach() for p in flow.parameters()]
+        if self._n == 0:
+            torch._foreach_copy_(ema_params, params)
+        else:
+            d = min(self.decay, (1 + self._n) / (10 + self._n))
+            torch._foreach_lerp_(ema_params, params, 1 - d)
+        # buffers (fixed permutations, signs) are not averaged: kept equal to the flow's
+        torch._foreach_copy_(list(self.module.buffers()), [b.detach() for b in flow.buffers()])
+        self._n += 1
+        self.n_averaged.fill_(self._n)
 
-    return AveragedModel(flow, multi_avg_fn=update, use_buffers=False)
+
+def _ema(flow, decay: float) -> EMA:
+    """EMA of the flow's weights (see `EMA`)."""
+    return EMA(flow, decay)
+
+
+def training_step(accelerator, model, opt, task, cfg: TrainConfig, beta: float, lr: float) -> dict:
+    """One optimizer step over cfg.grad_accum micro-batches of fresh measurements; the last micro-batch's terms.
+
+    x ~ the task's clean data, y = A(x) + sigma_y n, the loss of `APSModel` at tempering beta; the LR is set
+    to `lr` first. Adds no host sync of its own (the caller reads the terms only every log_every steps).
+    """
+    for group in opt.param_groups:
+        group["lr"] = lr
+    for _ in range(cfg.grad_accum):  # one optimizer step per call, over grad_accum micro-batches
+        with accelerator.accumulate(model):
+            x0 = task.sample_x(cfg.batch_size)  # (B, *event_shape)
+            y = task.operator.measure(x0)  # (B, *y_shape)
+            terms = model(y, task.prior, task.operator, cfg, beta, x_pairs=x0)
+            accelerator.backward(terms["loss"])
+            if accelerator.sync_gradients and cfg.grad_clip > 0:
+                accelerator.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+    return terms
 
 
 def train(cfg: TrainConfig, callback=None) -> Path:
@@ -197,29 +246,21 @@ def train(cfg: TrainConfig, callback=None) -> Path:
 
     # the run's clock counts every session: a resumed run goes on with its LR decay and tempering
     t_start, done = time.monotonic() - seconds_before, start
+    timed = cfg.max_seconds > 0 or cfg.stop_after > 0
+    now = seconds_before  # the run's clock, read once per step (at its end)
 
     def run_seconds():
         return elapsed(accelerator, t_start)
 
     bar = tqdm(range(start, cfg.steps), initial=start, total=cfg.steps, disable=not accelerator.is_main_process)
     for step in bar:
-        # Progress drives the LR decay and tempering: the step count, or the time budget if it runs out first.
+        # Progress drives the LR decay and tempering: the step count, or the time budget if it runs out first
+        # (by the clock read at the end of the last step).
         progress = step / cfg.steps
         if cfg.max_seconds > 0:
-            progress = max(progress, elapsed(accelerator, t_start) / cfg.max_seconds)
+            progress = max(progress, now / cfg.max_seconds)
         beta = cfg.beta_at(progress)
-        for group in opt.param_groups:
-            group["lr"] = cfg.lr * lr_factor(cfg, step, progress)
-        for _ in range(cfg.grad_accum):  # one optimizer step per `step`, over grad_accum micro-batches
-            with accelerator.accumulate(model):
-                x0 = task.sample_x(cfg.batch_size)  # (B, *event_shape)
-                y = task.operator.measure(x0)  # (B, *y_shape)
-                terms = model(y, task.prior, task.operator, cfg, beta, x_pairs=x0)
-                accelerator.backward(terms["loss"])
-                if accelerator.sync_gradients and cfg.grad_clip > 0:
-                    accelerator.clip_grad_norm_(model.parameters(), cfg.grad_clip)
-                opt.step()
-                opt.zero_grad(set_to_none=True)
+        terms = training_step(accelerator, model, opt, task, cfg, beta, cfg.lr * lr_factor(cfg, step, progress))
         if ema is not None:
             ema.update_parameters(accelerator.unwrap_model(model).flow)
         done = step + 1
@@ -232,8 +273,8 @@ def train(cfg: TrainConfig, callback=None) -> Path:
             bar.set_postfix(loss=f"{logs['loss']:.3f}", beta=f"{beta:.3f}")
         if cfg.sample_every and (step + 1) % cfg.sample_every == 0 and accelerator.is_main_process:
             _log_preview(accelerator, task, shipped_flow(), out, step + 1)
-        # one reading of the run's clock (a collective) per step, and only when a time limit is set
-        now = run_seconds() if cfg.max_seconds > 0 or cfg.stop_after > 0 else 0.0
+        # one reading of the run's clock per step (a collective with several processes), only with a time limit
+        now = run_seconds() if timed else 0.0
         out_of_time = cfg.max_seconds > 0 and now > cfg.max_seconds
         session_over = cfg.stop_after > 0 and now - seconds_before > cfg.stop_after
         if (step + 1) % cfg.checkpoint_every == 0 or step + 1 == cfg.steps or out_of_time or session_over:
@@ -254,8 +295,11 @@ def train(cfg: TrainConfig, callback=None) -> Path:
 def elapsed(accelerator, t_start: float) -> float:
     """Seconds since t_start by the slowest rank's clock: one clock for all ranks, so that they apply the
     same LR and tempering beta (keeping DDP weights identical) and agree on when to stop (save_state
-    waits for every rank)."""
-    return accelerator.reduce(torch.tensor(time.monotonic() - t_start, device=accelerator.device), "max").item()
+    waits for every rank). One process reads its own clock: the reduction would be a device sync per step."""
+    seconds = time.monotonic() - t_start
+    if accelerator.num_processes == 1:
+        return seconds
+    return accelerator.reduce(torch.tensor(seconds, device=accelerator.device), "max").item()
 
 
 def _log_preview(accelerator, task, flow, out: Path, step: int) -> None:

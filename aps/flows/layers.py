@@ -80,12 +80,27 @@ class LUInvertibleConv1x1(Flow):
         self.upper = nn.Parameter(torch.triu(u, 1))
         self.log_s = nn.Parameter(s.abs().log())
 
-    def weight(self) -> torch.Tensor:
-        """W (C, C), assembled in the parameters' dtype."""
+    def _factors(self):
         eye = torch.eye(self.channels, dtype=self.log_s.dtype, device=self.log_s.device)
         l = torch.tril(self.lower, -1) + eye
         u = torch.triu(self.upper, 1) + torch.diag(self.sign_s * self.log_s.exp())
+        return l, u, eye
+
+    def weight(self) -> torch.Tensor:
+        """W (C, C), assembled in the parameters' dtype."""
+        l, u, _ = self._factors()
         return self.perm @ l @ u
+
+    def weight_inverse(self) -> torch.Tensor:
+        """W^-1 = U^-1 L^-1 P^T (C, C) from the factors by two triangular solves.
+
+        Not torch.linalg.inv(W): that LU-factorises W again and checks the result on the host (a device sync
+        per layer and call, which stalls a GPU training step); W is invertible by construction (exp(log_s) > 0).
+        """
+        l, u, eye = self._factors()
+        l_inv = torch.linalg.solve_triangular(l, eye, upper=False, unitriangular=True)
+        u_inv = torch.linalg.solve_triangular(u, eye, upper=True)
+        return u_inv @ l_inv @ self.perm.T
 
     def _mix(self, z, w, sign):
         # autocast off: W and the stream stay in fp32 (a bf16 W would break W^-1 W = I and the log-det);
@@ -106,7 +121,7 @@ class LUInvertibleConv1x1(Flow):
 
     def inverse(self, x, context=None):
         with torch.autocast(x.device.type, enabled=False):
-            w_inv = torch.linalg.inv(self.weight())
+            w_inv = self.weight_inverse()
         return self._mix(x, w_inv, -1.0)
 
 

@@ -40,6 +40,8 @@ class TrainConfig:
     flow_base_components: int = option(0, "base of the vector flow: K > 1 components of a conditional Gaussian mixture "
                                      "q0(z|y), trained by stratified sampling (ceil(n_z/K) z per component and y); "
                                      "0 or 1: N(0, I)", "flow")
+    flow_base_gate: bool = option(False, "mixture base: a Gaussian gate on y for its weights and means linear in y "
+                                "(Gaussian mixture regression), started by k-means on joint prior draws (u, y)", "flow")
     flow_fourier: int = option(0, "vector flow: F > 0 appends sin/cos of F random projections of the standardised y "
                              "to the flow's context (0 = off)", "flow")
     flow_fourier_scale: float = option(10.0, "std of those projections' frequencies, in units of y's spread", "flow")
@@ -94,7 +96,7 @@ class TrainConfig:
 
     TASK_FIELDS = ("problem", "mcgdiff", "prior", "operator", "op_arg", "data")
     ARCH_FIELDS = ("flow_layers", "flow_hidden", "flow_blocks", "flow_bins", "flow_tail_bound", "flow_frame",
-                   "flow_base_components", "flow_fourier", "flow_fourier_scale",
+                   "flow_base_components", "flow_base_gate", "flow_fourier", "flow_fourier_scale",
                    "glow_levels", "glow_steps", "glow_hidden", "glow_cond", "glow_clamp", "backprojection",
                    "class_template") + TASK_FIELDS
 
@@ -130,6 +132,8 @@ class TrainConfig:
             raise ApsError("--flow-fourier must be >= 0 and --flow-fourier-scale > 0")
         if self.flow_base_components < 0:
             raise ApsError(f"--flow-base-components must be >= 0, got {self.flow_base_components}")
+        if self.flow_base_gate and self.flow_base_components < 2:
+            raise ApsError("--flow-base-gate needs a mixture base: add --flow-base-components K (K >= 2)")
         if not self.likelihood_weight > 0:
             raise ApsError(f"--likelihood-weight must be positive, got {self.likelihood_weight}")
         if self.fkl_weight < 0 or self.aps_weight < 0 or self.flow_tail_bound <= 0 or self.grad_clip < 0:

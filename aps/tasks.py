@@ -51,14 +51,14 @@ class MixtureTask:
         flow = ConditionalVectorFlow(d, dy, n_layers=cfg.flow_layers, hidden=cfg.flow_hidden,
                                      num_blocks=cfg.flow_blocks, bins=cfg.flow_bins, tail_bound=cfg.flow_tail_bound,
                                      base_components=cfg.flow_base_components, fourier=cfg.flow_fourier,
-                                     fourier_scale=cfg.flow_fourier_scale)
+                                     fourier_scale=cfg.flow_fourier_scale, base_gate=cfg.flow_base_gate)
         mean, cov = self.prior.moments()
         scale = self.prior.component_posterior_cov(self.operator) if cfg.flow_frame == "component" else None
         flow.frame.fit(mean, cov, self.operator.matrix(), self.operator.sigma_y, scale_cov=scale)
         if flow.mixture_base is not None:
             # k-means on prior draws seen through the frame for their own measurements: what any prior
             # offers (samples), not the exact mixture's component means
-            x = self.prior.sample(4096).to(flow.frame.L.dtype)
+            x = self.prior.sample(16384).to(flow.frame.L.dtype)
             flow.fit_base(x, self.operator.measure(x))
         return flow
 

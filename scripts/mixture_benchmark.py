@@ -33,6 +33,12 @@ RECIPES = {
     "exact_prior_fourier": dict(temper_start=0.02, n_z=4, fkl_weight=1.0, flow_fourier=16, exact_prior=True),
     "hybrid_mixbase": dict(temper_start=0.02, n_z=4, fkl_weight=1.0, flow_base_components=8),
     "hybrid_mixbase25": dict(temper_start=0.02, n_z=4, fkl_weight=1.0, flow_base_components=25, batch_size=64),
+    # a gated mixture base (Gaussian mixture regression: weights gated by y, means linear in y, full covariances),
+    # fitted by EM to joint prior draws (z, y) before training; stratified: one z per component and y
+    "hybrid_gate": dict(temper_start=1.0, n_z=1, fkl_weight=1.0, flow_base_components=25, flow_base_gate=True,
+                        flow_fourier=16, batch_size=64),
+    "reverse_gate": dict(temper_start=1.0, n_z=1, fkl_weight=0.0, flow_base_components=25, flow_base_gate=True,
+                         flow_fourier=16, batch_size=64),
 }
 
 

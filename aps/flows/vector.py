@@ -7,7 +7,7 @@ Layers, in the sampling direction z -> x (normflows' forward):
 
 q0 is N(0, I), or with base_components = K > 1 a conditional K-component Gaussian mixture
 (aps.flows.mixture_base), a mode-coverage lever whose weights the objective trains by stratified
-sampling (`sample_weighted`).
+sampling (`sample_weighted`); base_gate adds its Gaussian gate on y and means linear in y.
 
 The last layer is the exact posterior of a Gaussian with the prior's mean and covariance under the
 linear operator (mean m(y) linear in y, covariance L L^T). It puts the flow's working space u where
@@ -96,7 +96,7 @@ class ConditionalVectorFlow(ConditionalFlow):
 
     def __init__(self, d: int, dy: int, n_layers: int = 8, hidden: int = 128, num_blocks: int = 2,
                  bins: int = 16, tail_bound: float = 5.0, base_components: int = 0, base_hidden: int = 64,
-                 fourier: int = 0, fourier_scale: float = 10.0):
+                 fourier: int = 0, fourier_scale: float = 10.0, base_gate: bool = False):
         super().__init__()
         self.args = dict(d=d, dy=dy, n_layers=n_layers, hidden=hidden, num_blocks=num_blocks,
                          bins=bins, tail_bound=tail_bound, base_components=base_components, base_hidden=base_hidden)
@@ -106,6 +106,10 @@ class ConditionalVectorFlow(ConditionalFlow):
             self.register_buffer("freqs", torch.randn(fourier, dy, generator=g) * fourier_scale)
         else:
             self.freqs = None
+        if base_gate:
+            if base_components < 2:
+                raise ValueError("base_gate needs a mixture base (base_components >= 2)")
+            self.args.update(base_gate=True)
         context_dim = dy + 2 * fourier
         self.event_shape, self.y_shape = (d,), (dy,)
         layers = []
@@ -117,7 +121,7 @@ class ConditionalVectorFlow(ConditionalFlow):
                 layers.append(nf.flows.Permute(d, mode="shuffle"))
         layers.append(GaussianFrame(d, dy))
         if base_components > 1:
-            q0 = ConditionalGaussianMixture(d, context_dim, base_components, base_hidden)
+            q0 = ConditionalGaussianMixture(d, context_dim, base_components, base_hidden, gate_dim=dy if base_gate else 0)
         else:
             q0 = nf.distributions.DiagGaussian(d, trainable=False)
         self.nf = nf.ConditionalNormalizingFlow(q0, layers)
@@ -154,14 +158,16 @@ class ConditionalVectorFlow(ConditionalFlow):
 
     @torch.no_grad()
     def fit_base(self, x: torch.Tensor, y: torch.Tensor, generator: torch.Generator | None = None) -> None:
-        """Spread the mixture base's components over data pairs x (N, d), y (N, dy) seen in the frame's space.
+        """Spread the mixture base's components over data pairs x (N, d), y (N, dy) seen in the latent space.
 
-        Each x goes through the frame for its own measurement, u = L^-1 (x - m(y)): the latents the
-        flow's (near-identity, at initialisation) splines should map there. A no-op without a mixture base.
+        Each x goes back through the flow for its own measurement (the frame, u = L^-1 (x - m(y)), then the
+        couplings as they are now): the latents z that the flow maps to x. A gated base clusters the joint
+        (z, standardised y). A no-op without a mixture base.
         """
         if self.mixture_base is not None:
-            u, _ = self.frame.inverse(x.to(self.frame.L.dtype), context=self.encode(y).to(self.frame.L.dtype))
-            self.mixture_base.fit(u, generator=generator)
+            context = self.encode(y).to(self.frame.L.dtype)
+            z, _ = self.nf.inverse_and_log_det(x.to(self.frame.L.dtype), context=context)
+            self.mixture_base.fit(z, y=context[:, : self.y_shape[0]], generator=generator)
 
     def encode(self, y):
         y_std = (y - self.frame.y_mean) / self.frame.y_scale

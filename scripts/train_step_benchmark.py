@@ -12,7 +12,8 @@ step is bound by the host (Python, dispatch, launches), not by the GPU.
 
 Variants (each on a fresh flow with the same seed, so the first-step losses can be compared):
   old               the step as it was before the host syncs were taken out (torch AveragedModel EMA,
-                    torch.linalg.inv in the 1x1 convs' inverse, two reductions of the run clock per step)
+                    torch.linalg.inv in the 1x1 convs' inverse, two reductions of the run clock per step);
+                    run it in a process of its own (it patches the 1x1 conv class for the variants after it)
   base              the training step as shipped
   cudnn_benchmark   torch.backends.cudnn.benchmark = True (cuDNN picks conv algorithms by timing)
   tf32              TF32 matmuls/convs for the fp32 ops (the flow's invertible stream is fp32)

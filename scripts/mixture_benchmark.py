@@ -39,6 +39,11 @@ RECIPES = {
                         flow_fourier=16, batch_size=64),
     "reverse_gate": dict(temper_start=1.0, n_z=1, fkl_weight=0.0, flow_base_components=25, flow_base_gate=True,
                          flow_fourier=16, batch_size=64),
+    # K = 25 is the MCGdiff prior's own component count: the same recipe with fewer and more components
+    "hybrid_gate_k12": dict(temper_start=1.0, n_z=1, fkl_weight=1.0, flow_base_components=12, flow_base_gate=True,
+                            flow_fourier=16, batch_size=64),
+    "hybrid_gate_k40": dict(temper_start=1.0, n_z=1, fkl_weight=1.0, flow_base_components=40, flow_base_gate=True,
+                            flow_fourier=16, batch_size=64),
 }
 
 

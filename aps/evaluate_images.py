@@ -67,6 +67,30 @@ def score_posterior(sampler, y: torch.Tensor, x_true: torch.Tensor, n_samples: i
     return {k: torch.cat(v) for k, v in out.items()}
 
 
+def coverage_by_region(samples: torch.Tensor, truth: torch.Tensor, operator=None, level: float = 0.9,
+                       stroke_threshold: float = -0.9) -> dict:
+    """Pixel coverage of the central `level` interval, over all pixels and over regions that depend on y alone.
+
+    A calibrated posterior covers `level` of the truth on ANY set of pixels chosen from y (not from the truth), so
+    the aggregate can hide a region that is over-confident behind one that is too wide. Regions: "stroke" = pixels
+    whose posterior mean (a function of y, through the sampler) exceeds `stroke_threshold` (MNIST: ink is > -1),
+    "background" = the rest; for a fixed-mask operator also "unobserved" / "observed" pixels.
+    samples (B, n, C, H, W), truth (B, C, H, W) -> {region: (coverage, fraction of pixels)}.
+    """
+    q = torch.tensor([(1 - level) / 2, (1 + level) / 2], dtype=torch.float64)
+    lo, hi = torch.quantile(samples.flatten(2).double(), q, dim=1)  # (B, P) each
+    t = truth.flatten(1).double()
+    inside = (t >= lo) & (t <= hi)
+    stroke = samples.flatten(2).double().mean(1) > stroke_threshold
+    regions = {"all": torch.ones_like(inside), "stroke": stroke, "background": ~stroke}
+    mask = getattr(operator, "mask", None)
+    if mask is not None and mask.shape[-2:] == truth.shape[-2:]:
+        seen = mask.to(torch.bool).cpu().expand(truth.shape[1:]).flatten()[None].expand_as(inside)
+        regions.update(observed=seen, unobserved=~seen)
+    return {name: (float(inside[m].double().mean()) if m.any() else float("nan"), float(m.double().mean()))
+            for name, m in regions.items()}
+
+
 def summarize_scores(scores: dict) -> dict:
     """Mean and standard error of each per-measurement metric."""
     return {k: {"mean": float(v.mean()), "sem": float(v.std() / len(v) ** 0.5) if len(v) > 1 else 0.0}

@@ -1,0 +1,62 @@
+"""Coverage by region: a sampler of the very distribution the truth came from covers `level` on every region chosen
+from y alone; an over-confident one does not, and the aggregate can hide it; mask regions follow the operator."""
+import torch
+
+from aps.evaluate_images import coverage_by_region
+from aps.operators import InpaintBox
+
+
+def draws(mean, scale, n, g):
+    """n draws per image of N(mean, scale^2) per pixel: mean (B, C, H, W), scale a number or like mean -> (B, n, C, H, W)."""
+    scale = torch.as_tensor(scale, dtype=torch.float64).expand_as(mean)[:, None]
+    return mean[:, None] + scale * torch.randn(mean.shape[0], n, *mean.shape[1:], generator=g, dtype=torch.float64)
+
+
+def test_exact_sampler_covers_the_level_on_every_region():
+    g = torch.Generator().manual_seed(0)
+    # a "posterior" per image: ink (mean 0.5, std 0.3) on the left half, background (mean -1, std 0.01) elsewhere
+    mean = torch.full((64, 1, 8, 8), -1.0, dtype=torch.float64)
+    mean[..., :4] = 0.5
+    scale = torch.full_like(mean, 0.01)
+    scale[..., :4] = 0.3
+    truth = mean + scale * torch.randn(mean.shape, generator=g, dtype=torch.float64)
+    exact = draws(mean, scale, 2000, g)
+    cov = coverage_by_region(exact, truth)
+    for region in ("all", "stroke", "background"):
+        assert abs(cov[region][0] - 0.9) < 0.03, (region, cov)
+    assert abs(cov["stroke"][1] - 0.5) < 0.01  # the stroke region is the ink half, found from the samples' mean
+    # too narrow on the ink only: the aggregate still looks fair, the stroke region does not
+    narrow = draws(mean, torch.where(scale > 0.1, 0.1, scale), 2000, g)
+    cov = coverage_by_region(narrow, truth)
+    assert cov["stroke"][0] < 0.5 and cov["background"][0] > 0.85 and cov["all"][0] > cov["stroke"][0] + 0.2
+
+
+def test_mask_regions_follow_the_operator():
+    op = InpaintBox(image_shape=(1, 16, 16), box=[4, 4, 8, 8])
+    g = torch.Generator().manual_seed(1)
+    truth = torch.zeros(3, 1, 16, 16, dtype=torch.float64)
+    samples = draws(truth, 1.0, 500, g)
+    samples[..., 4:12, 4:12] *= 0.01  # over-confident inside the box only
+    cov = coverage_by_region(samples, truth + 0.5, op)  # truth off-centre: only wide intervals reach it
+    assert cov["unobserved"][1] == 0.25 and cov["observed"][1] == 0.75
+    assert cov["unobserved"][0] == 0.0 and cov["observed"][0] > 0.5
+
+
+def test_image_calibration_script_runs_flow_and_dps(tmp_path):
+    """scripts/image_calibration.py on the shipped inpainting flow, with a few-step DPS: regions and a JSON file."""
+    import json
+
+    from cli_helpers import assert_one_line_error, run
+
+    out = tmp_path / "calib.json"
+    proc = run("scripts/image_calibration.py", "checkpoints/mnist-inpaint_box-flow", "--dps-zeta", "3", "--steps", "3",
+               "--n-heldout", "3", "--n-samples", "8", "--dps-digits", "2", "--dps-samples", "3", "--out", out)
+    assert proc.returncode == 0, proc.stderr
+    entry = json.loads(out.read_text())["flows"]["mnist-inpaint_box-flow"]
+    assert set(entry) == {"aps", "aps_matched", "dps", "dps_zeta"}
+    for who in ("aps", "aps_matched", "dps"):
+        assert set(entry[who]) == {"all", "stroke", "background", "observed", "unobserved"}
+        assert entry[who]["unobserved"][1] == 0.25 and 0 <= entry[who]["all"][0] <= 1
+    bad = run("scripts/image_calibration.py", "checkpoints/mnist-inpaint_box-flow", "--dps-zeta", "1", "2",
+              "--out", tmp_path / "x.json")
+    assert_one_line_error(bad, "image_calibration.py", "one step size per checkpoint")

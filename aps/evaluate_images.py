@@ -5,6 +5,9 @@ Quality, per measurement, from n posterior samples x_1..x_n of q(x | y) against 
     psnr_sample / ssim_sample  of single samples vs x* (averaged over the first `n_single` samples)
     coverage90                 fraction of pixels of x* inside the samples' central 90% interval
                                (calibration: 0.9 for a calibrated posterior)
+    coverage90_<region>        the same on pixel sets chosen from y alone (stroke, background; unobserved,
+                               observed for a mask), where a calibrated posterior also covers 0.9: the
+                               aggregate can hide an over-confident region (`coverage_by_region`)
     pixel_std                  mean pixelwise std of the samples (diversity)
     class_accuracy             for a classifier operator: how often the operator's own classifier
                                gives the samples the measured class y
@@ -51,6 +54,8 @@ def score_posterior(sampler, y: torch.Tensor, x_true: torch.Tensor, n_samples: i
             "psnr_sample": psnr(singles, truth_k).view(-1, k).mean(1),
             "ssim_sample": ssim_(singles, truth_k).view(-1, k).mean(1),
             "coverage90": credible_interval_coverage(x, xb, 0.9),
+            # the same on pixel sets chosen from y alone (NaN where an image has none): see coverage_by_region
+            **_region_rows(x, xb, op),
             "pixel_std": std.flatten(1).mean(1).double(),
         }
         if is_class:
@@ -91,10 +96,21 @@ def coverage_by_region(samples: torch.Tensor, truth: torch.Tensor, operator=None
             for name, m in regions.items()}
 
 
+def _region_rows(x: torch.Tensor, truth: torch.Tensor, operator) -> dict:
+    """Per-image coverage90 on the regions of coverage_by_region: {"coverage90_<region>": (b,)}, NaN where empty."""
+    per_image = [coverage_by_region(x[i:i + 1], truth[i:i + 1], operator) for i in range(len(truth))]
+    return {f"coverage90_{name}": torch.tensor([c[name][0] for c in per_image], dtype=torch.float64)
+            for name in per_image[0] if name != "all"}
+
+
 def summarize_scores(scores: dict) -> dict:
-    """Mean and standard error of each per-measurement metric."""
-    return {k: {"mean": float(v.mean()), "sem": float(v.std() / len(v) ** 0.5) if len(v) > 1 else 0.0}
-            for k, v in scores.items()}
+    """Mean and standard error of each per-measurement metric (NaNs, e.g. an empty region, left out)."""
+    out = {}
+    for k, v in scores.items():
+        v = v[~torch.isnan(v)]
+        out[k] = {"mean": float(v.mean()) if len(v) else float("nan"),
+                  "sem": float(v.std() / len(v) ** 0.5) if len(v) > 1 else 0.0}
+    return out
 
 
 @torch.no_grad()

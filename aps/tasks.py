@@ -56,8 +56,8 @@ class MixtureTask:
         scale = self.prior.component_posterior_cov(self.operator) if cfg.flow_frame == "component" else None
         flow.frame.fit(mean, cov, self.operator.matrix(), self.operator.sigma_y, scale_cov=scale)
         if flow.mixture_base is not None:
-            # k-means on prior draws seen through the frame for their own measurements: what any prior
-            # offers (samples), not the exact mixture's component means
+            # fitted to prior draws taken back through the flow for their own measurements (k-means; with the
+            # gate, EM on the joint (z, y)): what any prior offers (samples), not the exact mixture's components
             x = self.prior.sample(16384).to(flow.frame.L.dtype)
             flow.fit_base(x, self.operator.measure(x))
         return flow

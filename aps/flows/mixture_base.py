@@ -199,8 +199,8 @@ class ConditionalGaussianMixture(nf.distributions.BaseDistribution):
 
 def _em(points: torch.Tensor, assign: torch.Tensor, k: int, iters: int, reg: float = 1e-6):
     """A full-covariance Gaussian mixture fitted to points (N, p) by EM from hard labels (N,):
-    log weights (K,), means (K, p), covariances (K, p, p). A component that loses all its points is kept
-    where it was, with a tiny weight."""
+    log weights (K,), means (K, p), covariances (K, p, p). A component left with fewer than p + 1 points' worth
+    of responsibility gets a unit covariance (and a tiny weight, so it barely counts until training moves it)."""
     n, p = points.shape
     eye = torch.eye(p, dtype=points.dtype, device=points.device)
     resp = torch.nn.functional.one_hot(assign, k).to(points)  # (N, K)

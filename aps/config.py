@@ -41,7 +41,7 @@ class TrainConfig:
                                      "q0(z|y), trained by stratified sampling (ceil(n_z/K) z per component and y); "
                                      "0 or 1: N(0, I)", "flow")
     flow_base_gate: bool = option(False, "mixture base: a Gaussian gate on y for its weights and means linear in y "
-                                "(Gaussian mixture regression), started by k-means on joint prior draws (u, y)", "flow")
+                                "and full covariances (Gaussian mixture regression), fitted by EM to joint prior draws (z, y)", "flow")
     flow_fourier: int = option(0, "vector flow: F > 0 appends sin/cos of F random projections of the standardised y "
                              "to the flow's context (0 = off)", "flow")
     flow_fourier_scale: float = option(10.0, "std of those projections' frequencies, in units of y's spread", "flow")

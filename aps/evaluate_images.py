@@ -21,7 +21,7 @@ import time
 
 import torch
 
-from .metrics import credible_interval_coverage, psnr, ssim
+from .metrics import credible_interval_hits, psnr, ssim
 
 
 @torch.no_grad()
@@ -46,6 +46,7 @@ def score_posterior(sampler, y: torch.Tensor, x_true: torch.Tensor, n_samples: i
                               autocast_dtype=autocast_dtype)
         x = x.cpu()  # (b, n, C, H, W)
         mean, std = x.mean(1), x.std(1)
+        hits = credible_interval_hits(x, xb, 0.9)  # (b, P)
         k = min(n_single, n_samples)
         singles = x[:, :k].flatten(0, 1)
         truth_k = xb.repeat_interleave(k, 0)
@@ -53,9 +54,10 @@ def score_posterior(sampler, y: torch.Tensor, x_true: torch.Tensor, n_samples: i
             "psnr_mean": psnr(mean, xb), "ssim_mean": ssim_(mean, xb),
             "psnr_sample": psnr(singles, truth_k).view(-1, k).mean(1),
             "ssim_sample": ssim_(singles, truth_k).view(-1, k).mean(1),
-            "coverage90": credible_interval_coverage(x, xb, 0.9),
+            "coverage90": hits.double().mean(1),
             # the same on pixel sets chosen from y alone (NaN where an image has none): see coverage_by_region
-            **_region_rows(x, xb, op),
+            **{f"coverage90_{name}": (hits & m).sum(1) / m.sum(1).double()
+               for name, m in pixel_regions(x, op).items()},
             "pixel_std": std.flatten(1).mean(1).double(),
         }
         if is_class:
@@ -72,35 +74,30 @@ def score_posterior(sampler, y: torch.Tensor, x_true: torch.Tensor, n_samples: i
     return {k: torch.cat(v) for k, v in out.items()}
 
 
-def coverage_by_region(samples: torch.Tensor, truth: torch.Tensor, operator=None, level: float = 0.9,
-                       stroke_threshold: float = -0.9) -> dict:
-    """Pixel coverage of the central `level` interval, over all pixels and over regions that depend on y alone.
+def pixel_regions(samples: torch.Tensor, operator=None, stroke_threshold: float = -0.9) -> dict:
+    """Pixel sets chosen from y alone, each (B, P) bool: "stroke" = pixels whose posterior mean (a function of y,
+    through the sampler) exceeds `stroke_threshold` (MNIST: ink is > -1), "background" = the rest; for a fixed-mask
+    operator also "observed" / "unobserved". samples (B, n, C, H, W)."""
+    stroke = samples.flatten(2).double().mean(1) > stroke_threshold
+    regions = {"stroke": stroke, "background": ~stroke}
+    mask = getattr(operator, "mask", None)
+    if mask is not None and mask.shape[-2:] == samples.shape[-2:]:
+        seen = mask.to(torch.bool).cpu().expand(samples.shape[2:]).flatten()[None].expand_as(stroke)
+        regions.update(observed=seen, unobserved=~seen)
+    return regions
+
+
+def coverage_by_region(samples: torch.Tensor, truth: torch.Tensor, operator=None, level: float = 0.9) -> dict:
+    """Pixel coverage of the central `level` interval, over all pixels and over the regions of `pixel_regions`.
 
     A calibrated posterior covers `level` of the truth on ANY set of pixels chosen from y (not from the truth), so
-    the aggregate can hide a region that is over-confident behind one that is too wide. Regions: "stroke" = pixels
-    whose posterior mean (a function of y, through the sampler) exceeds `stroke_threshold` (MNIST: ink is > -1),
-    "background" = the rest; for a fixed-mask operator also "unobserved" / "observed" pixels.
-    samples (B, n, C, H, W), truth (B, C, H, W) -> {region: (coverage, fraction of pixels)}.
+    the aggregate can hide a region that is over-confident behind one that is too wide.
+    samples (B, n, C, H, W), truth (B, C, H, W) -> {region: (coverage, fraction of pixels)}, pooled over the batch.
     """
-    q = torch.tensor([(1 - level) / 2, (1 + level) / 2], dtype=torch.float64)
-    lo, hi = torch.quantile(samples.flatten(2).double(), q, dim=1)  # (B, P) each
-    t = truth.flatten(1).double()
-    inside = (t >= lo) & (t <= hi)
-    stroke = samples.flatten(2).double().mean(1) > stroke_threshold
-    regions = {"all": torch.ones_like(inside), "stroke": stroke, "background": ~stroke}
-    mask = getattr(operator, "mask", None)
-    if mask is not None and mask.shape[-2:] == truth.shape[-2:]:
-        seen = mask.to(torch.bool).cpu().expand(truth.shape[1:]).flatten()[None].expand_as(inside)
-        regions.update(observed=seen, unobserved=~seen)
+    inside = credible_interval_hits(samples, truth, level)
+    regions = {"all": torch.ones_like(inside), **pixel_regions(samples, operator)}
     return {name: (float(inside[m].double().mean()) if m.any() else float("nan"), float(m.double().mean()))
             for name, m in regions.items()}
-
-
-def _region_rows(x: torch.Tensor, truth: torch.Tensor, operator) -> dict:
-    """Per-image coverage90 on the regions of coverage_by_region: {"coverage90_<region>": (b,)}, NaN where empty."""
-    per_image = [coverage_by_region(x[i:i + 1], truth[i:i + 1], operator) for i in range(len(truth))]
-    return {f"coverage90_{name}": torch.tensor([c[name][0] for c in per_image], dtype=torch.float64)
-            for name in per_image[0] if name != "all"}
 
 
 def summarize_scores(scores: dict) -> dict:

@@ -50,15 +50,15 @@ def psnr(x: torch.Tensor, ref: torch.Tensor, data_range: float = 2.0) -> torch.T
     return 10 * torch.log10(data_range ** 2 / mse)
 
 
-def credible_interval_coverage(samples: torch.Tensor, truth: torch.Tensor, level: float = 0.9) -> torch.Tensor:
-    """Fraction of pixels whose truth lies in the central `level` interval of the samples, per item (B,).
+def credible_interval_hits(samples: torch.Tensor, truth: torch.Tensor, level: float = 0.9) -> torch.Tensor:
+    """Whether each pixel of the truth lies in the central `level` interval of the samples, (B, P) bool.
 
-    samples (B, n, ...), truth (B, ...).
+    samples (B, n, ...), truth (B, ...); P is the number of values per item.
     """
     lo, hi = torch.quantile(samples.flatten(2).double(), torch.tensor([(1 - level) / 2, (1 + level) / 2],
                                                                        dtype=torch.float64), dim=1)
     t = truth.flatten(1).double()
-    return ((t >= lo) & (t <= hi)).double().mean(1)
+    return (t >= lo) & (t <= hi)
 
 
 def _gaussian_window(size: int = 11, sigma: float = 1.5) -> torch.Tensor:

@@ -151,11 +151,6 @@ class EMA(nn.Module):
         self.n_averaged.fill_(self._n)
 
 
-def _ema(flow, decay: float) -> EMA:
-    """EMA of the flow's weights (see `EMA`)."""
-    return EMA(flow, decay)
-
-
 def training_step(accelerator, model, opt, task, cfg: TrainConfig, beta: float, lr: float) -> dict:
     """One optimizer step over cfg.grad_accum micro-batches of fresh measurements; the last micro-batch's terms.
 
@@ -203,7 +198,7 @@ def train(cfg: TrainConfig, callback=None) -> Path:
     flow = task.make_flow(cfg)
     if cfg.init_from:
         _init_from(flow, task, cfg.init_from)
-    ema = _ema(flow, cfg.ema_decay) if cfg.ema_decay > 0 else None
+    ema = EMA(flow, cfg.ema_decay) if cfg.ema_decay > 0 else None
     if ema is not None:
         task.attach(ema.module)  # the deep copy holds its own reference to A^T
     if accelerator.is_main_process:

@@ -37,7 +37,7 @@ def build(args, batch):
 
     from aps.config import TrainConfig
     from aps.tasks import make_task
-    from aps.training import APSModel, _ema
+    from aps.training import EMA, APSModel
 
     cfg = TrainConfig(prior=args.prior, operator=args.operator, op_arg=args.op_arg, data="mnist", batch_size=batch,
                       n_z=2, n_elbo=2, fkl_weight=1.0, mixed_precision=args.mixed_precision, ema_decay=0.999,
@@ -46,7 +46,7 @@ def build(args, batch):
     set_seed(0)
     task = make_task(cfg)
     flow = task.make_flow(cfg)
-    ema = _ema(flow, cfg.ema_decay)
+    ema = EMA(flow, cfg.ema_decay)
     task.to(accelerator.device)
     task.prior.requires_grad_(False)
     model = APSModel(flow)

@@ -95,11 +95,10 @@ class ConditionalGaussianMixture(nf.distributions.BaseDistribution):
             return None
         return torch.tril(self.mix, -1) + torch.eye(self.d, dtype=self.mix.dtype, device=self.mix.device)
 
-    def _spread(self, eps, log_s):
-        """(I + N_k)(s_k * eps) for eps (B, K, m, d), log_s (B, K, d)."""
-        v = torch.exp(log_s)[:, :, None] * eps
-        mix = self._mixing()
-        return v if mix is None else torch.einsum("kde,bkme->bkmd", mix, v)
+    @staticmethod
+    def _mix_into(mix, v):
+        """(I + N) v with matching leading dims (mix (..., d, d), v (..., d)); v itself for diagonal components."""
+        return v if mix is None else torch.einsum("...de,...e->...d", mix, v)
 
     def log_prob(self, z: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
         """log q0(z | context) = logsumexp_k [log w_k + log N(z; mu_k, Sigma_k)]: z (B, d), context (B, .) -> (B,)."""
@@ -125,10 +124,8 @@ class ConditionalGaussianMixture(nf.distributions.BaseDistribution):
         cdf = torch.cumsum(log_w.exp(), -1)  # (B, K)
         k = (u > cdf[:, None, :-1]).sum(-1)  # (B, n): inverse-CDF draw of the component
         rows = torch.arange(b, device=dev)[:, None]
-        v = torch.exp(log_s[rows, k]) * eps  # (B, n, d)
         mix = self._mixing()
-        if mix is not None:
-            v = torch.einsum("bnde,bne->bnd", mix[k], v)
+        v = self._mix_into(None if mix is None else mix[k], torch.exp(log_s[rows, k]) * eps)  # (B, n, d)
         return (mu[rows, k] + v).flatten(0, 1)
 
     def sample_stratified(self, context: torch.Tensor, m: int, generator: torch.Generator | None = None):
@@ -140,7 +137,9 @@ class ConditionalGaussianMixture(nf.distributions.BaseDistribution):
         log_w, mu, log_s = self.params(context)
         b, k = log_w.shape
         eps = torch.randn(b, k, m, self.d, generator=generator, device=mu.device, dtype=mu.dtype)
-        z = mu[:, :, None] + self._spread(eps, log_s)  # (B, K, m, d)
+        mix = self._mixing()
+        v = self._mix_into(None if mix is None else mix[:, None], torch.exp(log_s)[:, :, None] * eps)  # (B, K, m, d)
+        z = mu[:, :, None] + v
         weight = (log_w.exp() / m)[:, :, None].expand(b, k, m)
         return z.flatten(1, 2), weight.flatten(1)
 

@@ -60,3 +60,26 @@ def test_image_calibration_script_runs_flow_and_dps(tmp_path):
     bad = run("scripts/image_calibration.py", "checkpoints/mnist-inpaint_box-flow", "--dps-zeta", "1", "2",
               "--out", tmp_path / "x.json")
     assert_one_line_error(bad, "image_calibration.py", "one step size per checkpoint")
+
+
+def test_dequantised_coverage_scores_a_point_mass_posterior_at_its_level():
+    """A sampler of the dequantised posterior of a known image (x* + u, u uniform over one grey level): raw x* sits at
+    the centre of every interval (coverage90 = 1), the dequantised truth is covered 90% of the time."""
+    from types import SimpleNamespace
+
+    from aps.evaluate_images import score_posterior
+
+    truth = torch.randint(0, 256, (30, 1, 12, 12)).float() / 127.5 - 1.0
+
+    def sample(y, n, seed=0, first_index=0, chunk=None, autocast_dtype=None):
+        g = torch.Generator().manual_seed(seed + first_index)
+        u = torch.rand(len(y), n, *y.shape[1:], generator=g) - 0.5
+        return y[:, None] + u / 127.5, None
+
+    denoise_free = SimpleNamespace(y_shape=(1, 12, 12))
+    sampler = SimpleNamespace(operator=denoise_free, task=SimpleNamespace(levels=256), device="cpu", sample=sample)
+    scores = score_posterior(sampler, truth, truth, n_samples=400, per_pass=7)
+    assert float(scores["coverage90"].min()) == 1.0
+    assert abs(float(scores["coverage90_dequantised"].mean()) - 0.9) < 0.02
+    del sampler.task  # a task without grey levels (a mixture problem): no dequantised score
+    assert "coverage90_dequantised" not in score_posterior(sampler, truth[:3], truth[:3], n_samples=50)

@@ -79,8 +79,9 @@ def main():
 
 def markdown(results: dict) -> str:
     """The results as Markdown tables: quality per flow, then throughput."""
-    keys = ["psnr_mean", "ssim_mean", "psnr_sample", "ssim_sample", "coverage90", "coverage90_stroke",
-            "coverage90_background", "coverage90_unobserved", "pixel_std", "class_accuracy", "judge_accuracy"]
+    keys = ["psnr_mean", "ssim_mean", "psnr_sample", "ssim_sample", "coverage90", "coverage90_dequantised",
+            "coverage90_stroke", "coverage90_background", "coverage90_unobserved", "pixel_std", "class_accuracy",
+            "judge_accuracy"]
     lines = ["| flow | " + " | ".join(keys) + " |", "|---|" + "---|" * len(keys)]
     for name, e in results["flows"].items():
         m = e["metrics"]

@@ -76,8 +76,8 @@ def test_dequantised_coverage_scores_a_point_mass_posterior_at_its_level():
         u = torch.rand(len(y), n, *y.shape[1:], generator=g) - 0.5
         return y[:, None] + u / 127.5, None
 
-    denoise_free = SimpleNamespace(y_shape=(1, 12, 12))
-    sampler = SimpleNamespace(operator=denoise_free, task=SimpleNamespace(levels=256), device="cpu", sample=sample)
+    identity = SimpleNamespace(y_shape=(1, 12, 12))  # y is the image itself
+    sampler = SimpleNamespace(operator=identity, task=SimpleNamespace(levels=256), device="cpu", sample=sample)
     scores = score_posterior(sampler, truth, truth, n_samples=400, per_pass=7)
     assert float(scores["coverage90"].min()) == 1.0
     assert abs(float(scores["coverage90_dequantised"].mean()) - 0.9) < 0.02

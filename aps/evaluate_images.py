@@ -27,6 +27,7 @@ import time
 import torch
 
 from .metrics import credible_interval_hits, psnr, ssim
+from .tasks import dequantise
 
 
 @torch.no_grad()
@@ -66,10 +67,10 @@ def score_posterior(sampler, y: torch.Tensor, x_true: torch.Tensor, n_samples: i
                for name, m in pixel_regions(x, op).items()},
             "pixel_std": std.flatten(1).mean(1).double(),
         }
-        if levels:  # u ~ U(-1/2, 1/2) grey level as in aps.tasks.ImageTask.sample_x, seeded per image (seed, i)
-            u = torch.stack([torch.rand(xb.shape[1:], generator=torch.Generator().manual_seed(seed * 1_000_003 + i))
-                             for i in range(start, start + len(xb))]) - 0.5
-            row["coverage90_dequantised"] = credible_interval_hits(x, xb + u * (2.0 / (levels - 1)), 0.9).double().mean(1)
+        if levels:  # the truth dequantised as the training images are, seeded per image (seed, i)
+            xd = torch.stack([dequantise(xi, levels, torch.Generator().manual_seed(seed * 1_000_003 + start + j))
+                              for j, xi in enumerate(xb)])
+            row["coverage90_dequantised"] = credible_interval_hits(x, xd, 0.9).double().mean(1)
         if is_class:
             x_dev, labels = x.flatten(0, 1).to(sampler.device), op.labels(yb).cpu()[:, None]
 

@@ -129,6 +129,14 @@ def _normalised(cfg: dict) -> dict:
     return json.loads(json.dumps(cfg))
 
 
+def dequantise(x: torch.Tensor, levels: int, generator: torch.Generator | None = None) -> torch.Tensor:
+    """Images on a grid of `levels` values in [-1, 1] -> x + u, u ~ U(-1/2, 1/2) of one grey level per pixel
+    (uniform dequantisation, Theis et al. 2016): what the image flows are trained on, and so the truth they are
+    calibrated for (aps.evaluate_images' coverage90_dequantised)."""
+    u = torch.rand(x.shape, generator=generator, device=x.device, dtype=x.dtype) - 0.5
+    return x + u * (2.0 / (levels - 1))
+
+
 class ImageTask:
     """A diffusers image prior, an image operator built for its image shape, and training images.
 
@@ -176,9 +184,7 @@ class ImageTask:
         with forward-KL weight 10 collapsed to one image). Dequantised pairs have a density.
         """
         idx = torch.randint(len(self.images), (n,), device=self.images.device)
-        x = self.images[idx]
-        u = torch.rand(x.shape, device=x.device, dtype=x.dtype) - 0.5
-        return x + u * (2.0 / (self.levels - 1))
+        return dequantise(self.images[idx], self.levels)
 
     def make_flow(self, cfg):
         """A ConditionalGlow with the y_kind of the operator (and A^T y as an extra input with --backprojection)."""

@@ -40,49 +40,60 @@ def score_posterior(sampler, y: torch.Tensor, x_true: torch.Tensor, n_samples: i
     operator, another classifier (a module giving logits) for judge_accuracy.
     """
     out: dict[str, list] = {}
-    op = sampler.operator
+    levels = getattr(getattr(sampler, "task", None), "levels", None)  # grey levels of the training images
+    for start in range(0, len(y), per_pass):
+        yb, xb = y[start:start + per_pass], x_true[start:start + per_pass]
+        x, _ = sampler.sample(yb, n_samples, seed=seed, first_index=start, chunk=per_pass * n_samples,
+                              autocast_dtype=autocast_dtype)
+        row = score_image_samples(x, xb, yb, sampler.operator, n_single, levels, seed, start, judge)
+        for key, v in row.items():
+            out.setdefault(key, []).append(v)
+    return {k: torch.cat(v) for k, v in out.items()}
+
+
+@torch.no_grad()
+def score_image_samples(x: torch.Tensor, x_true: torch.Tensor, y: torch.Tensor, operator, n_single: int = 8,
+                        levels: int | None = None, seed: int = 0, first_index: int = 0, judge=None) -> dict:
+    """The metrics of the module docstring, each a (B,) float64 tensor, for samples x (B, n, C, H, W) of any
+    sampler against x_true (B, C, H, W). levels: grey levels of the training images (for coverage90_dequantised,
+    the truth dequantised with the seed of image first_index + i); judge: a second classifier (classifiers only)."""
+    op = operator
     if min(x_true.shape[-2:]) < 11:  # SSIM's 11x11 window does not fit: report NaN rather than fail
         ssim_ = lambda a, b: torch.full((len(a),), float("nan"), dtype=torch.float64)  # noqa: E731
     else:
         ssim_ = ssim
     is_class = tuple(op.y_shape) == () and hasattr(op, "n_classes")
-    levels = getattr(getattr(sampler, "task", None), "levels", None)  # grey levels of the training images
-    for start in range(0, len(y), per_pass):
-        yb, xb = y[start:start + per_pass], x_true[start:start + per_pass].float()
-        x, _ = sampler.sample(yb, n_samples, seed=seed, first_index=start, chunk=per_pass * n_samples,
-                              autocast_dtype=autocast_dtype)
-        x = x.cpu()  # (b, n, C, H, W)
-        mean, std = x.mean(1), x.std(1)
-        hits = credible_interval_hits(x, xb, 0.9)  # (b, P)
-        k = min(n_single, n_samples)
-        singles = x[:, :k].flatten(0, 1)
-        truth_k = xb.repeat_interleave(k, 0)
-        row = {
-            "psnr_mean": psnr(mean, xb), "ssim_mean": ssim_(mean, xb),
-            "psnr_sample": psnr(singles, truth_k).view(-1, k).mean(1),
-            "ssim_sample": ssim_(singles, truth_k).view(-1, k).mean(1),
-            "coverage90": hits.double().mean(1),
-            # the same on pixel sets chosen from y alone (NaN where an image has none): see coverage_by_region
-            **{f"coverage90_{name}": (hits & m).sum(1) / m.sum(1).double()
-               for name, m in pixel_regions(x, op).items()},
-            "pixel_std": std.flatten(1).mean(1).double(),
-        }
-        if levels:  # the truth dequantised as the training images are, seeded per image (seed, i)
-            xd = torch.stack([dequantise(xi, levels, torch.Generator().manual_seed(seed * 1_000_003 + start + j))
-                              for j, xi in enumerate(xb)])
-            row["coverage90_dequantised"] = credible_interval_hits(x, xd, 0.9).double().mean(1)
-        if is_class:
-            x_dev, labels = x.flatten(0, 1).to(sampler.device), op.labels(yb).cpu()[:, None]
+    device = x.device
+    x, xb = x.float().cpu(), x_true.float().cpu()  # (b, n, C, H, W), (b, C, H, W)
+    n_samples = x.shape[1]
+    mean, std = x.mean(1), x.std(1) if n_samples > 1 else torch.zeros_like(x[:, 0])
+    hits = credible_interval_hits(x, xb, 0.9)  # (b, P)
+    k = min(n_single, n_samples)
+    singles = x[:, :k].flatten(0, 1)
+    truth_k = xb.repeat_interleave(k, 0)
+    row = {
+        "psnr_mean": psnr(mean, xb), "ssim_mean": ssim_(mean, xb),
+        "psnr_sample": psnr(singles, truth_k).view(-1, k).mean(1),
+        "ssim_sample": ssim_(singles, truth_k).view(-1, k).mean(1),
+        "coverage90": hits.double().mean(1),
+        # the same on pixel sets chosen from y alone (NaN where an image has none): see coverage_by_region
+        **{f"coverage90_{name}": (hits & m).sum(1) / m.sum(1).double() for name, m in pixel_regions(x, op).items()},
+        "pixel_std": std.flatten(1).mean(1).double(),
+    }
+    if levels:  # the truth dequantised as the training images are, seeded per image (seed, i)
+        xd = torch.stack([dequantise(xi, levels, torch.Generator().manual_seed(seed * 1_000_003 + first_index + j))
+                          for j, xi in enumerate(xb)])
+        row["coverage90_dequantised"] = credible_interval_hits(x, xd, 0.9).double().mean(1)
+    if is_class:
+        x_dev, labels = x.flatten(0, 1).to(device), op.labels(y).cpu()[:, None]
 
-            def accuracy(net):  # fraction of each y's samples that `net` puts in class y, (b,)
-                return (net(x_dev).float().argmax(1).cpu().view(len(yb), n_samples) == labels).double().mean(1)
+        def accuracy(net):  # fraction of each y's samples that `net` puts in class y, (b,)
+            return (net(x_dev).float().argmax(1).cpu().view(len(y), n_samples) == labels).double().mean(1)
 
-            row["class_accuracy"] = accuracy(op)
-            if judge is not None:
-                row["judge_accuracy"] = accuracy(judge)
-        for key, v in row.items():
-            out.setdefault(key, []).append(v.double().cpu())
-    return {k: torch.cat(v) for k, v in out.items()}
+        row["class_accuracy"] = accuracy(op)
+        if judge is not None:
+            row["judge_accuracy"] = accuracy(judge)
+    return {key: v.double().cpu() for key, v in row.items()}
 
 
 def pixel_regions(samples: torch.Tensor, operator=None, stroke_threshold: float = -0.9) -> dict:

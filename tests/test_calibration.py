@@ -65,3 +65,11 @@ def test_hpd_ranks_and_rank_histogram():
     assert all(abs(c - hist["expected"]) <= hist["band"] for row in hist["counts"] for c in row)
     over = rank_histogram(ranks(*gaussian_case(b=500, d=2, scale=0.5)), bins=10)
     assert max(over["counts"][0]) > over["expected"] + over["band"]  # truths piled in the tails
+
+
+def test_tarp_with_other_measurements_as_references_in_many_dimensions():
+    # images: pixels share a scale (no standardising) and another measurement's truth is the reference
+    exact = tarp(*gaussian_case(b=400, d=64), seed=2, references="others", standardise=False, n_references=2)
+    assert exact["n_units"] == 800 and exact["ks"] < 1.63 / 400 ** 0.5  # 2 references per pair: not independent
+    narrow = tarp(*gaussian_case(b=400, d=64, scale=0.7), seed=2, references="others", standardise=False)
+    assert narrow["ks"] > 2 * narrow["ks_bound"]

@@ -105,33 +105,41 @@ def expected_coverage(u: torch.Tensor, masks: dict | None = None, levels=LEVELS,
     return {"levels": list(levels), "band": binomial_band(levels, n_units), "n_units": n_units, "curves": curves}
 
 
-def tarp(samples: torch.Tensor, truth: torch.Tensor, levels=LEVELS, seed: int = 0, n_references: int = 1) -> dict:
+def tarp(samples: torch.Tensor, truth: torch.Tensor, levels=LEVELS, seed: int = 0, n_references: int = 1,
+         references: str = "box", standardise: bool = True) -> dict:
     """TARP (Lemos et al. 2023, Algorithm 2): expected-coverage probability of random-reference balls.
 
-    samples (B, n, ...), truth (B, ...). Values are standardised by the truths' mean and std per dimension
-    (constant dimensions, e.g. an always-black pixel, are left as they are); each measurement gets
-    n_references reference points uniform in the truths' bounding box (as sbi's run_tarp does), and
-    f = the fraction of samples nearer the reference than the truth (randomised on ties). An exact sampler
-    has f ~ Uniform(0, 1), so ECP(a) = P(f <= a) = a.
+    samples (B, n, ...), truth (B, ...). For each measurement, n_references reference points r and
+    f = the fraction of samples nearer r than the truth is (randomised on ties); an exact sampler has
+    f ~ Uniform(0, 1) whatever the law of r, as long as r does not depend on this measurement's truth, so
+    ECP(a) = P(f <= a) = a. references: "box" draws r uniform in the truths' bounding box (sbi's run_tarp;
+    good in a few dimensions), "others" takes the truth of another measurement (a random cyclic shift:
+    independent of this one, and a realistic image where a uniform box point is noise). standardise: divide
+    each dimension by the truths' std first (parameters in different units; not for pixels).
 
     Returns {"levels", "ecp" (per level), "f" (B * n_references,), "ks" (sup |ECP - a|, over f's own jumps),
     "ks_bound" (the 95% Kolmogorov bound KS95 / sqrt(N)), "n_units"}.
     """
     s, t = _flat(samples, truth)
-    mu, sd = t.mean(0), t.std(0) if len(t) > 1 else torch.ones(t.shape[1], dtype=torch.float64)
-    sd = torch.where(sd > 0, sd, torch.ones_like(sd))
-    s, t = (s - mu) / sd, (t - mu) / sd
+    if standardise:
+        mu, sd = t.mean(0), t.std(0) if len(t) > 1 else torch.ones(t.shape[1], dtype=torch.float64)
+        sd = torch.where(sd > 0, sd, torch.ones_like(sd))
+        s, t = (s - mu) / sd, (t - mu) / sd
     g = torch.Generator().manual_seed(seed)
     lo, hi = t.min(0).values, t.max(0).values
     fs = []
     for _ in range(n_references):
-        r = lo + (hi - lo) * torch.rand(t.shape, generator=g, dtype=torch.float64)  # (B, D)
+        if references == "others" and len(t) > 1:
+            shift = int(torch.randint(1, len(t), (1,), generator=g))
+            r = t.roll(shift, 0)  # (B, D): another measurement's truth
+        else:
+            r = lo + (hi - lo) * torch.rand(t.shape, generator=g, dtype=torch.float64)  # (B, D)
         d_s = (s - r[:, None]).norm(dim=2)  # (B, n)
         d_t = (t - r).norm(dim=1)[:, None]  # (B, 1)
         fs.append(fractional_rank((d_s < d_t).sum(1), (d_s == d_t).sum(1), s.shape[1], g))
     f = torch.cat(fs)
     return {"levels": list(levels), "ecp": [float((f <= a).double().mean()) for a in levels], "f": f.tolist(),
-            "ks": ks_uniform(f), "ks_bound": KS95 / math.sqrt(len(f)), "n_units": len(f)}
+            "ks": ks_uniform(f), "ks_bound": KS95 / math.sqrt(len(f)), "n_units": len(f), "references": references}
 
 
 def ks_uniform(u: torch.Tensor) -> float:

@@ -2,6 +2,10 @@
 
     x = solver.sample(prior, operator, y, n, generator)      # y (B, *y_shape) -> x (B, n, *event)
     solver.stats                                             # NFE per sample and seconds, of the last call
+    solver.sample(..., budget_s=60)                          # stop after ~60 s with the best x so far
+
+A budget is checked once per step: a solver past it stops, returns its current estimate of x0 (Tweedie's
+for DPS, the CM's for the CM solvers) and records where it stopped in `stats["stopped"]`.
 
 Cost is counted per sample (every sample of the batch is one evaluation): `eps_fwd` network (eps or
 denoiser) forwards, `eps_bwd` backward passes through it, `cm_fwd`/`cm_bwd` consistency-model
@@ -31,28 +35,43 @@ class Solver:
         self.progress = progress
         self.stats: dict = {}
         self._counts: dict = {}
+        self._deadline: float | None = None
+        self._stopped: str | None = None
 
     def count(self, key: str, k: int = 1) -> None:
         """Add k evaluations per sample to counter `key` (eps_fwd, eps_bwd, cm_fwd, cm_bwd, ode_eps)."""
         self._counts[key] = self._counts.get(key, 0) + k
 
-    def sample(self, prior, operator, y: torch.Tensor, n: int, generator: torch.Generator | None = None):
+    def sample(self, prior, operator, y: torch.Tensor, n: int, generator: torch.Generator | None = None,
+               budget_s: float | None = None):
         """n posterior samples per measurement: y (B, *y_shape) -> x (B, n, *prior.event_shape).
 
         The rows of the batch are independent: every per-sample loss is summed before its gradient, so
-        the gradient of row j depends on row j alone.
+        the gradient of row j depends on row j alone. budget_s: wall-clock seconds after which the solver
+        stops early with what it has (stats["stopped"] says where); None: no limit.
         """
         y = operator.check_y(y)
         b = y.shape[0]
         y_rep = y.repeat_interleave(n, dim=0)  # (B * n, *y_shape): row i*n + j is sample j of measurement i
-        self._counts = {}
+        self._counts, self._stopped = {}, None
         t0 = time.perf_counter()
+        self._deadline = None if budget_s is None else t0 + float(budget_s)
         x = self._sample(prior, operator, y_rep, generator)
+        if x.is_cuda:
+            torch.cuda.synchronize(x.device)  # the clock stops when the samples exist, not when they are queued
         seconds = time.perf_counter() - t0
         c = dict(self._counts)
         nfe = c.get("eps_fwd", 0) + c.get("eps_bwd", 0) + c.get("cm_fwd", 0) + c.get("cm_bwd", 0)
-        self.stats = {**c, "nfe": nfe, "seconds": seconds, "seconds_per_sample": seconds / (b * n)}
+        self.stats = {**c, "nfe": nfe, "seconds": seconds, "seconds_per_sample": seconds / (b * n),
+                      "batch": b * n, "stopped": self._stopped}
         return x.detach().reshape(b, n, *prior.event_shape)
+
+    def out_of_time(self, where: str) -> bool:
+        """True once the budget of this call is spent; records `where` ("step 40/1000") as the stopping point."""
+        if self._deadline is None or time.perf_counter() < self._deadline:
+            return False
+        self._stopped = self._stopped or where
+        return True
 
     def _sample(self, prior, operator, y, generator):
         raise NotImplementedError

@@ -62,6 +62,8 @@ class CMDPS(Solver):
             self.count("cm_bwd")
             self.count("ode_eps", getattr(self.cm, "eps_per_call", 0))
             with torch.no_grad():
+                if i + 1 < self.steps and self.out_of_time(f"step {i + 1}/{self.steps}"):
+                    return self.cm(x.detach(), s)  # the CM's x0 at this step: the best estimate the run has
                 x = euler_ancestral(x, x0_hat, s, s_next, generator) - self.zeta * s * grad
         return x.detach()
 

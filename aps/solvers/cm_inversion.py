@@ -12,6 +12,8 @@ noise on x) for a neural one. Cost per sample: K_1 + K_2 CM forwards and backwar
 """
 from __future__ import annotations
 
+import time
+
 import torch
 from tqdm.auto import tqdm
 
@@ -30,9 +32,12 @@ class CMInversion(Solver):
         self.cm, self.k1, self.k2, self.lr1, self.lr2 = cm, int(k1), int(k2), float(lr1), float(lr2)
         self.t_s, self.tau, self.sigma_min, self.sigma_max = float(t_s), float(tau), float(sigma_min), float(sigma_max)
 
-    def _fit(self, param, make_x, operator, y, sigma, lr, k, generator, desc):
+    def _fit(self, param, make_x, operator, y, sigma, lr, k, generator, desc, deadline=None):
         opt = torch.optim.Adam([param], lr=lr)
-        for _ in tqdm(range(k), disable=not self.progress, desc=desc):
+        for i in tqdm(range(k), disable=not self.progress, desc=desc):
+            if self.out_of_time(f"{desc} step {i}/{k}") or (deadline is not None and time.perf_counter() > deadline):
+                self._stopped = self._stopped or f"{desc} step {i}/{k}"
+                return
             opt.zero_grad(set_to_none=True)
             # Summed per-row losses: Adam's update is per coordinate, so rows stay independent.
             measurement_loss(operator, y, self.cm(make_x(param), sigma), tau=self.tau, generator=generator).sum().backward()
@@ -45,7 +50,10 @@ class CMInversion(Solver):
         dtype = prior_dtype(prior)
         shape = (y.shape[0], *prior.event_shape)
         x_T = (self.sigma_max * randn(shape, generator, dtype, y.device)).requires_grad_(True)
-        self._fit(x_T, lambda v: v, operator, y, self.sigma_max, self.lr1, self.k1, generator, "cm2 stage 1")
+        # under a budget, stage 1 gets its share by steps (k1 of k1 + k2), so that stage 2 still runs
+        half = None if self._deadline is None else (
+            time.perf_counter() + (self._deadline - time.perf_counter()) * self.k1 / max(self.k1 + self.k2, 1))
+        self._fit(x_T, lambda v: v, operator, y, self.sigma_max, self.lr1, self.k1, generator, "cm2 stage 1", half)
         with torch.no_grad():
             x0 = self.cm(x_T.detach(), self.sigma_max)
         c = (self.t_s ** 2 - self.sigma_min ** 2) ** 0.5

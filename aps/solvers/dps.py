@@ -66,6 +66,8 @@ class DPS(Solver):
             self.count("eps_fwd")
             self.count("eps_bwd")
             with torch.no_grad():
+                if i + 1 < len(times) and self.out_of_time(f"step {i + 1}/{len(times)}"):
+                    return x0.detach()  # Tweedie's estimate at this step: the best x0 the run has
                 if i + 1 < len(times):
                     # DDPM posterior q(x_s | x_t, x0) with x0 := x0_hat (Ho et al. 2020, eq. 6-7, any s < t).
                     a_s, s_s = float(alphas[i + 1]), float(sigmas[i + 1])

@@ -1,0 +1,158 @@
+"""The two kinds of benchmark problem, behind one interface: held-out measurements, scores and calibration.
+
+    target = load_target(sampler, cfg)           # MixtureTarget or ImageTarget for aps.load(checkpoint)
+    x_true, y = target.measurements("test", n)   # the same y for every method; "tune" gives separate ones
+    target.score(x, x_true, y, log_q)            # {"rows": per-measurement scores, "summary": means}
+    target.calibration(x, x_true, y)             # expected coverage, TARP (+ SBC ranks, HPD for mixtures)
+
+Mixtures are scored against the exact posterior (aps.evaluate: mode-weight TV, sliced Wasserstein and its
+noise floor, exact KL where log q is known); images against the held-out digit (aps.evaluate_images: PSNR
+and SSIM of the mean and of single samples, 90% coverage by region, class accuracy by the operator's
+classifier and by a judge it never saw).
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from ..errors import ApsError
+from . import calibration as cal
+
+
+class MixtureTarget:
+    """A mixture checkpoint: its exact prior, operator and posterior. Test measurements are those of
+    aps.evaluate.held_out_measurements (seed 12345: the first 8 are the mixture benchmark's); tuning ones
+    come from another seed."""
+
+    kind = "mixture"
+    tune_key, higher_is_better = "sw", False  # sliced Wasserstein to the exact posterior: modes and their shapes
+    seeds = {"test": 12345, "tune": 54321}
+    defaults = {"n_measurements": 32, "n_samples": 256}
+
+    def __init__(self, sampler, cfg):
+        from ..problems import MixtureProblem
+
+        self.problem = MixtureProblem(sampler.prior.cpu(), sampler.operator.cpu())
+        self.prior, self.operator = self.problem.prior, self.problem.operator
+        self.dtype = self.prior.means.dtype
+        self.cfg = cfg
+
+    @property
+    def device(self):
+        return torch.device("cpu")  # closed-form mixtures: CPU is the fast place (launch-bound on a GPU)
+
+    def measurements(self, split: str, n: int):
+        from ..evaluate import held_out_measurements
+
+        x, y = held_out_measurements(self.problem, n, self.seeds[split])
+        return x.to(self.dtype), y.to(self.dtype)
+
+    def cm(self):
+        from ..solvers.exact_cm import ExactConsistency
+
+        return ExactConsistency(self.prior, self.cfg.cm_ode_steps)
+
+    def score(self, x, x_true, y, log_q=None) -> dict:
+        from ..evaluate import score_samples, summarize_rows
+
+        posterior = self.prior.posterior(self.operator, y)
+        rows = score_samples(posterior, x.cpu().double(), None if log_q is None else log_q.cpu().double())
+        return {"rows": rows, "summary": summarize_rows(rows)}
+
+    def calibration(self, x, x_true, y) -> dict:
+        """Per-dimension coverage and SBC ranks, HPD coverage of the exact posterior density, TARP."""
+        x = x.cpu().double()
+        posterior = self.prior.posterior(self.operator, y)
+        u = cal.ranks(x, x_true)
+        hpd = cal.hpd_ranks(posterior.log_prob(x), posterior.log_prob(x_true.double()[:, None])[:, 0])
+        return {"coverage": cal.expected_coverage(u), "hpd": cal.expected_coverage(hpd, central=False),
+                "tarp": cal.tarp(x, x_true, seed=self.cfg.seed), "sbc": cal.rank_histogram(u)}
+
+    def headline(self, summary: dict) -> tuple[str, float]:
+        return "sw", summary["sw"]["mean"]
+
+
+class ImageTarget:
+    """An image checkpoint: its diffusers prior (for the solvers), operator and held-out digits. Test digits are
+    held-out images 0..n-1 (noise seeded per digit, as sample.py --heldout); tuning digits start at cfg.tune_first."""
+
+    kind = "image"
+    defaults = {"n_measurements": 16, "n_samples": 32}
+
+    def __init__(self, sampler, cfg):
+        self.sampler, self.cfg, self.operator = sampler, cfg, sampler.operator
+        self.is_class = tuple(self.operator.y_shape) == () and hasattr(self.operator, "n_classes")
+        self.tune_key, self.higher_is_better = ("class_accuracy" if self.is_class else "psnr_sample"), True
+        self.levels = getattr(sampler.task, "levels", None)
+        self._prior = None
+        self.judge = None
+        if self.is_class and cfg.judge:
+            from ..operators.classifier import load_classifier
+
+            self.judge = load_classifier(cfg.judge)[0].to(cfg.device).eval()
+
+    @property
+    def device(self):
+        return torch.device(self.cfg.device)
+
+    @property
+    def prior(self):
+        """The diffusers prior the flow was trained against (loaded, and checked, on first use)."""
+        if self._prior is None:
+            p = self.sampler.task.prior
+            self._prior = (p.load() if hasattr(p, "load") else p).to(self.device)
+        return self._prior
+
+    def measurements(self, split: str, n: int):
+        from ..sampling import heldout_measurements
+
+        start = 0 if split == "test" else self.cfg.tune_first
+        if split == "tune" and start < self.cfg.n_measurements:
+            raise ApsError(f"tuning digits start at {start}, inside the {self.cfg.n_measurements} scored digits; "
+                           "raise --tune-first")
+        y, x, _ = heldout_measurements(self.sampler, start, start + n, seed=self.cfg.seed)
+        return x, y
+
+    def cm(self):
+        from ..solvers.consistency_model import ConsistencyModel
+
+        if not Path(self.cfg.cm).expanduser().exists() and "/" not in self.cfg.cm:
+            raise ApsError(f"consistency model not found: {self.cfg.cm} (give --cm FOLDER)")
+        return ConsistencyModel.from_pretrained(self.cfg.cm).to(self.device)
+
+    def score(self, x, x_true, y, log_q=None) -> dict:
+        from ..evaluate_images import score_image_samples, summarize_scores
+
+        x = x.clamp(-1, 1)  # every method is scored in the data range, as the DPS and CM codes clamp
+        scores = score_image_samples(x, x_true, y.to(self.device), self.operator, levels=self.levels,
+                                     seed=self.cfg.seed, judge=self.judge)
+        rows = [{k: float(v[i]) for k, v in scores.items()} for i in range(len(x_true))]
+        return {"rows": rows, "summary": summarize_scores(scores)}
+
+    def calibration(self, x, x_true, y) -> dict:
+        """Pixel coverage curves over all pixels and per region (regions chosen from y: aps.evaluate_images'
+        pixel_regions), and TARP over whole images."""
+        from ..evaluate_images import pixel_regions
+
+        x = x.clamp(-1, 1).cpu()
+        u = cal.ranks(x, x_true)
+        masks = {"all": torch.ones_like(u, dtype=torch.bool), **pixel_regions(x, self.operator)}
+        tarp = cal.tarp(x, x_true, seed=self.cfg.seed, references="others", standardise=False)
+        return {"coverage": cal.expected_coverage(u, masks), "tarp": tarp}
+
+    def headline(self, summary: dict) -> tuple[str, float]:
+        key = "judge_accuracy" if "judge_accuracy" in summary else "psnr_sample"
+        return key, summary[key]["mean"]
+
+
+def load_target(sampler, cfg):
+    """MixtureTarget or ImageTarget for a loaded checkpoint; fills cfg's per-kind defaults."""
+    kind = getattr(getattr(sampler, "task", None), "kind", None)
+    cls = {"mixture": MixtureTarget, "image": ImageTarget}.get(kind)
+    if cls is None:
+        raise ApsError(f"{cfg.checkpoint}: no benchmark for a task of kind {kind!r}")
+    for key, value in cls.defaults.items():
+        if getattr(cfg, key) is None:
+            setattr(cfg, key, value)
+    return cls(sampler, cfg)

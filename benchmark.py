@@ -32,7 +32,8 @@ def positive_float(text):
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(prog="benchmark.py", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
     g = p.add_argument_group("main")
     g.add_argument("checkpoint", help="APS flow folder (train.py's); its prior and operator are the benchmark's")
     g.add_argument("--solvers", nargs="+", default=D.solvers, metavar="NAME",

@@ -76,7 +76,10 @@ def load_flow(folder: str | Path, map_location: str = "cpu"):
     flow = build_flow(meta["flow"])
     if not (folder / WEIGHTS).is_file():
         raise ApsError(f"{folder}: {WEIGHTS} is missing")
-    state = load_file(str(folder / WEIGHTS), device=map_location)
+    try:
+        state = load_file(str(folder / WEIGHTS), device=map_location)
+    except Exception as err:  # safetensors' SafetensorError (a truncated or foreign file), OSError
+        raise ApsError(f"{folder}: {WEIGHTS} is not a readable safetensors file ({str(err).splitlines()[0]})") from None
     try:
         flow.load_state_dict(state)
     except RuntimeError as err:

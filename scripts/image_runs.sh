@@ -6,14 +6,14 @@
 # The spec file has one run per line, `NAME train.py-arguments...` ('#' starts a comment); each run's arguments
 # are added after the common ones below (the shipped recipe: hybrid objective, batch 64, bf16, EMA), so a line
 # may override any of them (argparse keeps the last value). Runs write OUT_DIR/NAME; then
-# scripts/image_benchmark.py scores every run on 200 held-out digits x 100 samples into OUT_DIR/benchmark.json.
+# `benchmark.py RUN --solvers aps` scores every run on 200 held-out digits x 100 samples into OUT_DIR/NAME/benchmark/.
 #
 # Why processes side by side: these flows are bound by kernel-launch overhead, not arithmetic, so processes
 # overlap on one GPU (H100, batch 64: 3.5 steps/s alone, 3.3 each with four; H200, by train_step_benchmark.py: 4.8 alone,
 # 4.4-4.6 each with four; 43 ms of GPU work in a 209 ms step: BENCHMARKS.md "Fourth session"). Each run stops at its time budget
 # (or pauses there with STOP_AFTER, to be continued by `train.py --out OUT_DIR/NAME --resume`); the LR decay and
 # tempering follow the budget. Knobs: SECONDS_PER_FLOW (240), BATCH_SIZE (64), STOP_AFTER (0 = off),
-# THROUGHPUT ("1000 10000": batch sizes to time; "" = none), DEVICE (cuda), N_HELDOUT (200).
+# THROUGHPUT (1000: the batch size whose samples/s is timed), DEVICE (cuda), N_HELDOUT (200).
 set -euo pipefail
 SPEC=${1:?usage: bash scripts/image_runs.sh SPEC_FILE}
 BUDGET=${SECONDS_PER_FLOW:-240}
@@ -39,7 +39,8 @@ for name in "${names[@]}"; do
   tail -c 300 "$OUT/train-$name.log" | tr '\r' '\n' | tail -n 1
   [ -f "$OUT/$name/flow.safetensors" ] && dirs+=("$OUT/$name")
 done
-# shellcheck disable=SC2086
-python3 scripts/image_benchmark.py "${dirs[@]}" --device "${DEVICE:-cuda}" --n-heldout "${N_HELDOUT:-200}" --n-samples 100 \
-  --throughput ${THROUGHPUT-1000 10000} --out "$OUT/benchmark.json" --grid-dir "$OUT/grids"
+for dir in "${dirs[@]}"; do
+  python3 benchmark.py "$dir" --solvers aps --device "${DEVICE:-cuda}" --n-measurements "${N_HELDOUT:-200}" \
+    --n-samples 100 --throughput-batch "${THROUGHPUT:-1000}" --out "$dir/benchmark" --no-progress
+done
 [ "$status" = 0 ] || { echo "a training run failed"; exit 1; }

@@ -103,7 +103,7 @@ def main():
     (args.out / "config.json").write_text(json.dumps(cfg, indent=2) + "\n")
     role = ("The frozen CNN behind the `classifier` operator (aps/operators/classifier.py)" if args.out.resolve() == DEFAULT_PATH.resolve()
             else "A second MNIST classifier, never used as an operator: it judges the class of posterior samples\n"
-                 "(scripts/image_benchmark.py --judge), so a sampler is not scored by the network that guided it")
+                 "(benchmark.py --judge), so a sampler is not scored by the network that guided it")
     (args.out / "README.md").write_text(f"""# {args.out.name}
 
 {role}: x (1, 32, 32) in

@@ -42,26 +42,6 @@ def test_mask_regions_follow_the_operator():
     assert cov["unobserved"][0] == 0.0 and cov["observed"][0] > 0.5
 
 
-def test_image_calibration_script_runs_flow_and_dps(tmp_path):
-    """scripts/image_calibration.py on the shipped inpainting flow, with a few-step DPS: regions and a JSON file."""
-    import json
-
-    from cli_helpers import assert_one_line_error, run
-
-    out = tmp_path / "calib.json"
-    proc = run("scripts/image_calibration.py", "checkpoints/mnist-inpaint_box-flow", "--dps-zeta", "3", "--steps", "3",
-               "--n-heldout", "3", "--n-samples", "8", "--dps-digits", "2", "--dps-samples", "3", "--out", out)
-    assert proc.returncode == 0, proc.stderr
-    entry = json.loads(out.read_text())["flows"]["mnist-inpaint_box-flow"]
-    assert set(entry) == {"aps", "aps_matched", "dps", "dps_zeta"}
-    for who in ("aps", "aps_matched", "dps"):
-        assert set(entry[who]) == {"all", "stroke", "background", "observed", "unobserved"}
-        assert entry[who]["unobserved"][1] == 0.25 and 0 <= entry[who]["all"][0] <= 1
-    bad = run("scripts/image_calibration.py", "checkpoints/mnist-inpaint_box-flow", "--dps-zeta", "1", "2",
-              "--out", tmp_path / "x.json")
-    assert_one_line_error(bad, "image_calibration.py", "one step size per checkpoint")
-
-
 def test_dequantised_coverage_scores_a_point_mass_posterior_at_its_level():
     """A sampler of the dequantised posterior of a known image (x* + u, u uniform over one grey level): raw x* sits at
     the centre of every interval (coverage90 = 1), the dequantised truth is covered 90% of the time."""

@@ -1,8 +1,6 @@
 """Solvers: the EDM view against the VP denoiser, the exact ODE consistency function against closed forms,
 the learned CM's boundary condition and distillation, and the samplers' costs and behaviour."""
 import math
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -14,8 +12,6 @@ from aps.schedules import ContinuousSchedule, DiscreteSchedule
 from aps.solvers import (CMDPS, DPS, CMInversion, EDMDenoiser, ExactConsistency, PriorSamples, karras_sigmas,
                          measurement_loss, pf_ode)
 from aps.solvers.edm import to_vp
-
-ROOT = Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -278,16 +274,6 @@ def test_measurement_loss_categorical():
     loss = measurement_loss(Logits(), torch.tensor([0, 0]), x)
     torch.testing.assert_close(loss, torch.nn.functional.cross_entropy(Logits()(x), torch.tensor([0, 0]), reduction="none"))
     assert loss[0] < loss[1]
-
-
-def test_benchmark_cli_mixture(tmp_path):
-    out = tmp_path / "bench.json"
-    r = subprocess.run([sys.executable, str(ROOT / "benchmark.py"), "--mcgdiff", "2,1,0", "--n-samples", "20",
-                        "--solvers", "prior", "dps", "cm1", "cm2", "--dps-steps", "10", "--cm1-steps", "4",
-                        "--cm-ode-steps", "4", "--cm2-k", "2", "--json", str(out)],
-                       capture_output=True, text=True, timeout=120, cwd=ROOT)
-    assert r.returncode == 0, r.stderr
-    assert "| 2,1,0 | dps |" in r.stdout and out.is_file()
 
 
 def test_shipped_cm_loads_offline_in_aps_and_in_diffusers_pipeline():

@@ -105,6 +105,7 @@ def run_benchmark(cfg: BenchmarkConfig) -> dict:
     for name in cfg.solvers:
         solver, tuning = make_method(name, target, sampler, cfg, cm_cache, tune_set)
         x, stats, log_q = run_solver(solver, target, y_test, cfg.n_samples, cfg, cfg.budget_s, name)
+        x = x if name == "aps" else target.solver_output(x)
         entry = {"method": name, "config": solver.config(), "stats": stats, "tuning": tuning,
                  **target.score(x, x_test, y_test, log_q), "calibration": target.calibration(x, x_test, y_test)}
         if name == "aps":

@@ -48,6 +48,10 @@ class MixtureTarget:
         x, y = held_out_measurements(self.problem, n, self.seeds[split])
         return x.to(self.dtype), y.to(self.dtype)
 
+    @staticmethod
+    def solver_output(x):
+        return x
+
     def cm(self):
         from ..solvers.exact_cm import ExactConsistency
 
@@ -90,7 +94,7 @@ class ImageTarget:
         if self.is_class and cfg.judge:
             from ..operators.classifier import load_classifier
 
-            self.judge = load_classifier(cfg.judge)[0].to(cfg.device).eval()
+            self.judge = load_classifier(_local(cfg.judge))[0].to(cfg.device).eval()
 
     @property
     def device(self):
@@ -117,14 +121,17 @@ class ImageTarget:
     def cm(self):
         from ..solvers.consistency_model import ConsistencyModel
 
-        if not Path(self.cfg.cm).expanduser().exists() and "/" not in self.cfg.cm:
-            raise ApsError(f"consistency model not found: {self.cfg.cm} (give --cm FOLDER)")
-        return ConsistencyModel.from_pretrained(self.cfg.cm).to(self.device)
+        return ConsistencyModel.from_pretrained(_local(self.cfg.cm)).to(self.device)
+
+    @staticmethod
+    def solver_output(x):
+        """An iterative solver's images clamped to the data range [-1, 1], as the DPS and CM codes do; the flow's
+        samples are scored as they come (as aps.evaluate_images.score_posterior and the model cards do)."""
+        return x.clamp(-1, 1)
 
     def score(self, x, x_true, y, log_q=None) -> dict:
         from ..evaluate_images import score_image_samples, summarize_scores
 
-        x = x.clamp(-1, 1)  # every method is scored in the data range, as the DPS and CM codes clamp
         scores = score_image_samples(x, x_true, y.to(self.device), self.operator, levels=self.levels,
                                      seed=self.cfg.seed, judge=self.judge)
         rows = [{k: float(v[i]) for k, v in scores.items()} for i in range(len(x_true))]
@@ -135,7 +142,7 @@ class ImageTarget:
         pixel_regions), and TARP over whole images."""
         from ..evaluate_images import pixel_regions
 
-        x = x.clamp(-1, 1).cpu()
+        x = x.cpu()
         u = cal.ranks(x, x_true)
         masks = {"all": torch.ones_like(u, dtype=torch.bool), **pixel_regions(x, self.operator)}
         tarp = cal.tarp(x, x_true, seed=self.cfg.seed, references="others", standardise=False)
@@ -144,6 +151,14 @@ class ImageTarget:
     def headline(self, summary: dict) -> tuple[str, float]:
         key = "judge_accuracy" if "judge_accuracy" in summary else "psnr_sample"
         return key, summary[key]["mean"]
+
+
+def _local(path: str) -> str:
+    """A path as given, or relative to the repository root (the shipped checkpoints/... from any directory)."""
+    from ..tasks import REPO_ROOT
+
+    p = Path(path).expanduser()
+    return str(REPO_ROOT / path) if not p.exists() and not p.is_absolute() and (REPO_ROOT / path).exists() else path
 
 
 def load_target(sampler, cfg):

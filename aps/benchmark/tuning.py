@@ -19,6 +19,7 @@ def tune(name: str, make, option: str, grid: list, target, x_tune, y_tune, cfg) 
     candidates = []
     for value in grid:
         x, stats, log_q = run_solver(make(value), target, y_tune, n, cfg, cfg.budget_s, f"{name} tune {option}={value}")
+        x = target.solver_output(x)
         score = target.score(x, x_tune, y_tune, log_q)["summary"][target.tune_key]["mean"]
         candidates.append({"value": value, "score": score, "seconds": stats["seconds"], "stopped": stats["stopped"]})
     sign = 1 if target.higher_is_better else -1

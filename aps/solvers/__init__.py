@@ -1,5 +1,7 @@
 """Comparison solvers on the same frozen prior as APS: DPS, the consistency-model solvers, and the
-consistency models they use (the exact ODE one of a mixture, a distilled network). See SOLVERS.md."""
+consistency models they use (the exact ODE one of a mixture, a distilled network). Every solver has the
+verbs of aps.solvers.base.Solver; aps.solvers.registry builds any of them by name, and FlowSolver puts a
+trained APS flow behind the same verbs."""
 from .base import Solver, measurement_loss
 from .cm_dps import CMDPS
 from .cm_inversion import CMInversion
@@ -8,7 +10,9 @@ from .distillation import ConsistencyDistillation
 from .dps import DPS
 from .edm import EDMDenoiser, karras_sigmas
 from .exact_cm import ExactConsistency, MixtureEDMDenoiser, pf_ode
+from .flow import FlowSolver
 from .prior_samples import PriorSamples
 
 __all__ = ["Solver", "measurement_loss", "CMDPS", "CMInversion", "ConsistencyModel", "ConsistencyDistillation", "DPS",
-           "EDMDenoiser", "karras_sigmas", "ExactConsistency", "MixtureEDMDenoiser", "pf_ode", "PriorSamples"]
+           "EDMDenoiser", "karras_sigmas", "ExactConsistency", "MixtureEDMDenoiser", "pf_ode", "PriorSamples",
+           "FlowSolver"]

@@ -71,7 +71,8 @@ class MixtureTarget:
         u = cal.ranks(x, x_true)
         hpd = cal.hpd_ranks(posterior.log_prob(x), posterior.log_prob(x_true.double()[:, None])[:, 0])
         return {"coverage": cal.expected_coverage(u), "hpd": cal.expected_coverage(hpd, central=False),
-                "tarp": cal.tarp(x, x_true, seed=self.cfg.seed), "sbc": cal.rank_histogram(u)}
+                "tarp": cal.tarp(x, x_true, seed=self.cfg.seed),
+                "sbc": cal.rank_histogram(u, bins=max(4, min(20, len(u) // 4)))}  # >= 4 expected per bin
 
     def headline(self, summary: dict) -> tuple[str, float]:
         return "sw", summary["sw"]["mean"]

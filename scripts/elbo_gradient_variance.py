@@ -47,7 +47,7 @@ def main():
     sampler = load(args.flow, device=args.device)
     flow = sampler.flow.train()
     y, _, _ = heldout_measurements(sampler, 0, args.batch_size)  # a fixed batch of held-out measurements
-    prior, op = sampler.task.prior.to(args.device), sampler.operator.to(args.device)
+    prior, op = sampler.task.prior.load().to(args.device), sampler.operator.to(args.device)
     prior.autocast_bf16 = args.bf16
     y = y.to(args.device)
     params = [q for q in flow.parameters() if q.requires_grad]

@@ -133,7 +133,8 @@ class ImageTarget:
     def score(self, x, x_true, y, log_q=None) -> dict:
         from ..evaluate_images import score_image_samples, summarize_scores
 
-        scores = score_image_samples(x, x_true, y.to(self.device), self.operator, levels=self.levels,
+        # on the operator's device: a classifier operator and the judge score the samples there
+        scores = score_image_samples(x.to(self.device), x_true, y.to(self.device), self.operator, levels=self.levels,
                                      seed=self.cfg.seed, judge=self.judge)
         rows = [{k: float(v[i]) for k, v in scores.items()} for i in range(len(x_true))]
         return {"rows": rows, "summary": summarize_scores(scores)}

@@ -12,6 +12,7 @@ from dataclasses import dataclass
 from ..errors import ApsError
 from .cm_dps import CMDPS
 from .cm_inversion import CMInversion
+from .ddrm import DDRM
 from .dps import DPS
 from .prior_samples import PriorSamples
 
@@ -31,14 +32,8 @@ REGISTRY: dict[str, Entry] = {
     "dps": Entry(DPS, "zeta", False, "DPS (Chung et al. 2023)"),
     "cm1": Entry(CMDPS, "zeta", True, "CM solver I: DPS through a consistency model (Xu et al. 2024)"),
     "cm2": Entry(CMInversion, "lr1", True, "CM solver II: consistency-model inversion (Xu et al. 2024)"),
+    "ddrm": Entry(DDRM, "eta", False, "DDRM (Kawar et al. 2022): denoising in the SVD of A"),
 }
-
-try:  # DDRM (Kawar et al. 2022) joins when its module is there
-    from .ddrm import DDRM
-
-    REGISTRY["ddrm"] = Entry(DDRM, "eta", False, "DDRM (Kawar et al. 2022): denoising in the SVD of A")
-except ImportError:
-    pass
 
 NAMES = ("aps", *REGISTRY)
 

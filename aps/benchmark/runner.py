@@ -42,7 +42,8 @@ def run_solver(solver, target, y: torch.Tensor, n: int, cfg: BenchmarkConfig, bu
         if isinstance(solver, FlowSolver):
             solver.first_index = start  # per-measurement seeds of the flow
         yb = y[start:start + per].to(target.device)
-        x = solver.sample(target.prior, target.operator, yb, n, g, budget_s=left)
+        prior = None if isinstance(solver, FlowSolver) else target.prior  # the flow alone needs no prior network
+        x = solver.sample(prior, target.operator, yb, n, g, budget_s=left)
         xs.append(x.cpu())
         if isinstance(solver, FlowSolver):
             lqs.append(solver.log_q.cpu())

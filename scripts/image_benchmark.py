@@ -19,6 +19,8 @@ def main():
     p.add_argument("--n-heldout", type=int, default=200, help="held-out digits per operator (default: 200)")
     p.add_argument("--n-samples", type=int, default=100, help="posterior samples per digit (default: 100)")
     p.add_argument("--seed", type=int, default=0, help="measurement and latent seed (default: 0)")
+    p.add_argument("--heldout-data", help="score on the held-out images of this data set (mnist, digits8) instead "
+                                          "of the checkpoint's own: needed for flows trained with --data prior")
     p.add_argument("--device", default="cpu", help="torch device (default: cpu)")
     p.add_argument("--bf16", action="store_true", help="score with the flow under bf16 autocast")
     p.add_argument("--throughput", type=int, nargs="*", default=[], metavar="BATCH",
@@ -53,7 +55,7 @@ def main():
                 judge = judge.to(args.device)
                 results["judge"] = {"path": args.judge, "test_accuracy": judge_cfg.get("test_accuracy")}
             name = Path(ckpt).name
-            y, x_true, _ = heldout_measurements(sampler, 0, args.n_heldout, seed=args.seed)
+            y, x_true, _ = heldout_measurements(sampler, 0, args.n_heldout, seed=args.seed, data=args.heldout_data)
             t0 = time.perf_counter()
             scores = score_posterior(sampler, y, x_true, args.n_samples, seed=args.seed,
                                      autocast_dtype=torch.bfloat16 if args.bf16 else None, judge=judge)

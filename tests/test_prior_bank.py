@@ -166,7 +166,7 @@ def test_measurements_only_trains_the_aps_term_on_those_y(prior_folder, tmp_path
     assert task.images is None and task.config()["measurements"]["n"] == 5
     seen = []
 
-    def model(y, prior, operator, cfg, beta, x_pairs=None, y_pairs=None):
+    def model(y, prior, operator, cfg, beta, x_pairs=None, y_pairs=None, **kwargs):
         seen.append((y, x_pairs, y_pairs))
         return {"loss": (y * 0).sum().requires_grad_()}
 

@@ -1,6 +1,7 @@
 """Training from the prior alone: the prior bank (drawn, cached, reused, redrawn when foreign or damaged),
 train.py --data prior, and measurements without ground truth (--measurements)."""
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -133,21 +134,23 @@ TRAIN = ["--operator", "denoise", "--batch-size", "4", "--n-z", "1", "--n-elbo",
 
 @pytest.mark.slow
 def test_train_py_from_prior_samples(prior_folder, tmp_path):
+    """draw_prior_bank.py draws the bank into the cache; train.py --data prior then reads it, drawing nothing."""
     cache = tmp_path / "cache"
+    proc = run("scripts/draw_prior_bank.py", "--prior", prior_folder, "--n", "16", "--sampler", "ddim", "--steps", "3",
+               "--batch", "5", "--cache", cache)
+    assert proc.returncode == 0, proc.stderr
+    drawn = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert drawn["stored"] == 16 and "drawing prior images" in proc.stderr
     bank = ["--data", "prior", "--prior-sampler", "ddim", "--prior-steps", "3", "--prior-bank", "16",
             "--prior-cache", cache, "--aps-weight", "0", "--fkl-weight", "1"]
+    stamp = Path(drawn["file"]).stat().st_mtime_ns
     proc = run("train.py", "--prior", prior_folder, *TRAIN, *bank, "--out", tmp_path / "a")
     assert proc.returncode == 0, proc.stderr
+    assert "drawing prior images" not in proc.stderr and Path(drawn["file"]).stat().st_mtime_ns == stamp
     task = json.loads((tmp_path / "a" / "config.json").read_text())["task"]
     assert task["data"] == "prior"
-    assert {k: task["prior_bank"][k] for k in ("sampler", "steps", "n")} == {"sampler": "ddim", "steps": 3, "n": 16}
-    files = list(cache.glob("*.safetensors"))
-    assert [f.stem for f in files] == [task["prior_bank"]["key"]]
-    stamp = files[0].stat().st_mtime_ns
-    proc = run("train.py", "--prior", prior_folder, *TRAIN, *bank, "--out", tmp_path / "b")
-    assert proc.returncode == 0, proc.stderr
-    assert files[0].stat().st_mtime_ns == stamp  # the second run read the bank, it did not draw it again
-    assert "drawing prior images" not in proc.stderr
+    assert task["prior_bank"] == {k: drawn[k] for k in ("sampler", "steps", "seed", "key", "n")}
+    assert [f.stem for f in cache.glob("*.safetensors")] == [task["prior_bank"]["key"]]
     proc = run("scripts/image_benchmark.py", tmp_path / "a", "--n-heldout", "2", "--n-samples", "2",
                "--heldout-data", "digits8", "--out", tmp_path / "r.json")
     assert proc.returncode == 0, proc.stderr

@@ -27,7 +27,8 @@ class TrainConfig:
     operator: str = option("", "with --prior: the operator's name (denoise, inpaint_box, inpaint_random, sr, deblur, cs, classifier)", "main")
     op_arg: list = option(None, "with --operator: one operator parameter as key=value (JSON value), repeatable, "
                         "e.g. --op-arg factor=4 --op-arg sigma_y=0.1", "main")
-    data: str = option("mnist", "with --prior: clean images x (train split only): mnist, digits8 or an image folder", "main")
+    data: str = option("mnist", "with --prior: clean images x (train split only): mnist, digits8, an image folder, or "
+                       "prior (drawn from the prior itself: see the data options)", "main")
     out: str = option("runs/aps", "output folder: config.json, flow.safetensors, training state, logs", "main")
     # -- data: clean images drawn from the prior itself (--data prior), measurements without ground truth
     prior_sampler: str = option("ddim", "--data prior: the prior's scheduler that draws the images: ddim (eta 0) or ddpm",

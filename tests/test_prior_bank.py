@@ -154,6 +154,11 @@ def test_train_py_from_prior_samples(prior_folder, tmp_path):
     proc = run("scripts/image_benchmark.py", tmp_path / "a", "--n-heldout", "2", "--n-samples", "2",
                "--heldout-data", "digits8", "--out", tmp_path / "r.json")
     assert proc.returncode == 0, proc.stderr
+    proc = run("sample.py", tmp_path / "a", "--heldout", "0:2", "--n", "3", "--out", tmp_path / "s.safetensors")
+    assert_one_line_error(proc, "sample.py", "--heldout-data")
+    proc = run("sample.py", tmp_path / "a", "--heldout", "0:2", "--heldout-data", "digits8", "--n", "3",
+               "--out", tmp_path / "s.safetensors")
+    assert proc.returncode == 0, proc.stderr
 
 
 def test_measurements_only_trains_the_aps_term_on_those_y(prior_folder, tmp_path, monkeypatch):

@@ -306,7 +306,7 @@ def make_task(cfg, with_data: bool = True, device=None):
     from .operators import build
     from .priors import DiffusersPrior
 
-    prior = DiffusersPrior.from_pretrained(cfg.prior)
+    prior = DiffusersPrior.from_pretrained(cfg.prior, gradient_checkpointing=cfg.prior_gradient_checkpointing)
     operator = build(cfg.operator, image_shape=prior.event_shape, **cfg.operator_args())
     measurements, record = (load_measurements(cfg.measurements, operator) if cfg.measurements else (None, None))
     images, bank = None, None

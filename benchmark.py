@@ -43,6 +43,8 @@ def main(argv=None):
     g.add_argument("--n-tune", type=int, default=D.n_tune, help="separate measurements for tuning (default: %(default)s)")
     g.add_argument("--tune-samples", type=int, default=D.tune_samples, help="samples per tuning measurement (0: n-samples, at most 64)")
     g.add_argument("--tune-first", type=int, default=D.tune_first, help="images: first tuning digit (default: %(default)s)")
+    g.add_argument("--heldout-data", help="images: score on the held-out images of this data set (mnist, digits8) "
+                                          "instead of the checkpoint's own: needed for flows trained with --data prior")
     g.add_argument("--budget-s", type=positive_float, help="seconds per method's run (default: no limit)")
     g = p.add_argument_group("solvers (a list is a tuning grid)")
     g.add_argument("--dps-zeta", type=positive_float, nargs="+", default=D.dps_zeta)
@@ -84,7 +86,7 @@ def main(argv=None):
             cm2_lr1=args.cm2_lr1, cm2_k=args.cm2_k, ddrm_eta=args.ddrm_eta, ddrm_steps=args.ddrm_steps, cm=args.cm,
             cm_ode_steps=args.cm_ode_steps, budget_s=args.budget_s, device=args.device, threads=args.threads,
             batch_size=args.batch_size, throughput_batch=args.throughput_batch, seed=args.seed, out=args.out,
-            judge=args.judge, figures=not args.no_figures, progress=not args.no_progress,
+            heldout_data=args.heldout_data, judge=args.judge, figures=not args.no_figures, progress=not args.no_progress,
             command="python " + " ".join(sys.argv))
         report = run_benchmark(cfg)
         print(table(report))

@@ -29,6 +29,8 @@ def main():
     src.add_argument("--from-prior", type=int, metavar="B", help="mixtures: make B measurements of fresh prior samples")
     src.add_argument("--heldout", metavar="START:STOP", help="images: held-out images START..STOP-1 measured "
                      "with the checkpoint's operator (noise seeded by --seed and the image's index)")
+    p.add_argument("--heldout-data", help="with --heldout: the held-out images of this data set (mnist, digits8) "
+                   "instead of the checkpoint's own (a flow trained with --data prior has none)")
     src.add_argument("--png", nargs="+", metavar="FILE", help="images: measurement images (noisy, low-resolution, "
                      "or with the holes of a fixed inpainting mask)")
     p.add_argument("--n", type=int, default=1000, help="posterior samples per measurement (default: 1000)")
@@ -99,7 +101,8 @@ def main():
                 start, stop = (int(v) for v in args.heldout.split(":"))
             except ValueError:
                 raise ApsError(f"--heldout wants START:STOP (e.g. 0:16), got {args.heldout!r}") from None
-            y, out["x_true"], labels = heldout_measurements(sampler, start, stop, seed=args.seed)
+            y, out["x_true"], labels = heldout_measurements(sampler, start, stop, seed=args.seed,
+                                                            data=args.heldout_data)
             if labels is not None:
                 out["labels"] = labels
         elif args.png is not None:

@@ -27,8 +27,20 @@ class TrainConfig:
     operator: str = option("", "with --prior: the operator's name (denoise, inpaint_box, inpaint_random, sr, deblur, cs, classifier)", "main")
     op_arg: list = option(None, "with --operator: one operator parameter as key=value (JSON value), repeatable, "
                         "e.g. --op-arg factor=4 --op-arg sigma_y=0.1", "main")
-    data: str = option("mnist", "with --prior: clean images x (train split only): mnist, digits8 or an image folder", "main")
+    data: str = option("mnist", "with --prior: clean images x (train split only): mnist, digits8, an image folder, or "
+                       "prior (drawn from the prior itself: see the data options)", "main")
     out: str = option("runs/aps", "output folder: config.json, flow.safetensors, training state, logs", "main")
+    # -- data: clean images drawn from the prior itself (--data prior), measurements without ground truth
+    prior_sampler: str = option("ddim", "--data prior: the prior's scheduler that draws the images: ddim (eta 0) or ddpm",
+                                "data", ("ddim", "ddpm"))
+    prior_steps: int = option(100, "--data prior: inference steps of that scheduler", "data")
+    prior_bank: int = option(20000, "--data prior: images in the bank (drawn once, cached, reused by later runs)", "data")
+    prior_batch: int = option(500, "--data prior: images drawn per batch on the device", "data")
+    prior_cache: str = option("", "--data prior: cache folder of the banks (default $XDG_CACHE_HOME or ~/.cache, "
+                              "then aps/prior-banks)", "data")
+    measurements: str = option("", "images: a .safetensors/.npz file whose 'y' (N, *y_shape) the APS term trains on, "
+                               "without ground truth; the forward-KL term then needs --data prior (its pairs "
+                               "are drawn from the prior) or --fkl-weight 0", "data")
     # -- flow architecture (restored from the checkpoint on --resume)
     flow_layers: int = option(8, "spline coupling layers", "flow")
     flow_hidden: int = option(128, "hidden width of each coupling network", "flow")
@@ -109,7 +121,8 @@ class TrainConfig:
                              ("auto", "on", "off"))
     dry_run: bool = option(False, "print the resolved config and exit", "run")
 
-    TASK_FIELDS = ("problem", "mcgdiff", "prior", "operator", "op_arg", "data")
+    TASK_FIELDS = ("problem", "mcgdiff", "prior", "operator", "op_arg", "data", "prior_sampler", "prior_steps",
+                   "prior_bank", "measurements")
     ARCH_FIELDS = ("flow_layers", "flow_hidden", "flow_blocks", "flow_bins", "flow_tail_bound", "flow_frame",
                    "flow_base_components", "flow_base_gate", "flow_fourier", "flow_fourier_scale",
                    "glow_levels", "glow_steps", "glow_hidden", "glow_cond", "glow_clamp", "backprojection",
@@ -163,6 +176,15 @@ class TrainConfig:
             raise ApsError("--cuda-graph on captures one whole optimizer step: use --grad-accum 1")
         if self.fkl_weight == 0 and self.aps_weight == 0:
             raise ApsError("--aps-weight and --fkl-weight are both 0: nothing to train")
+        if self.prior_steps < 1 or self.prior_bank < 1 or self.prior_batch < 1:
+            raise ApsError("--prior-steps, --prior-bank and --prior-batch must be at least 1")
+        if self.measurements and not self.is_image:
+            raise ApsError("--measurements is for image tasks (--prior and --operator)")
+        if self.measurements and self.aps_weight == 0:
+            raise ApsError("--measurements trains the APS term on them: --aps-weight 0 would never see them")
+        if self.measurements and self.fkl_weight > 0 and self.data != "prior":
+            raise ApsError("--measurements has no ground truth, so the forward-KL term has no pairs: add --data prior "
+                           "(pairs drawn from the prior) or --fkl-weight 0")
         if self.init_from and self.resume:
             raise ApsError("--init-from starts a new run and --resume continues one: give one of them")
         if self.max_seconds < 0 or self.stop_after < 0:

@@ -60,10 +60,12 @@ class GraphedStep:
 
     def _step(self) -> dict:
         cfg, task = self.cfg, self.task
-        x0 = task.sample_x(cfg.batch_size)  # (B, *event_shape)
-        y = task.operator.measure(x0)  # (B, *y_shape)
+        y = task.sample_y(cfg.batch_size)  # (B, *y_shape) measurements without truth, or None (as training_step)
+        x0 = task.sample_x(cfg.batch_size) if y is None or cfg.fkl_weight > 0 else None  # (B, *event_shape)
+        y0 = None if x0 is None else task.operator.measure(x0)  # (B, *y_shape)
         with self.autocast():
-            terms = self.model(y, task.prior, task.operator, cfg, self.beta, x_pairs=x0, aps_weight=self.aps_weight)
+            terms = self.model(y0 if y is None else y, task.prior, task.operator, cfg, self.beta, x_pairs=x0,
+                               aps_weight=self.aps_weight, y_pairs=y0)
         terms["loss"].backward()
         if cfg.grad_clip > 0:
             torch.nn.utils.clip_grad_norm_(self.params, cfg.grad_clip, foreach=True)

@@ -83,8 +83,9 @@ def load(path: str | Path, device: str | torch.device = "cpu", prior=None, opera
     return sampler.to(device)
 
 
-def heldout_measurements(sampler: PosteriorSampler, start: int, stop: int, seed: int = 0):
-    """Held-out images start..stop-1 of the checkpoint's data set, measured with its operator.
+def heldout_measurements(sampler: PosteriorSampler, start: int, stop: int, seed: int = 0, data: str | None = None):
+    """Held-out images start..stop-1 of the checkpoint's data set (or of `data`, e.g. mnist for a flow trained
+    on prior samples), measured with its operator.
 
     Returns y (B, *y_shape), x_true (B, C, H, W), labels (B,) or None. Image i's noise (and its class
     draw) comes from a generator seeded with (seed, i), so the same digit gets the same y in any call.
@@ -94,7 +95,7 @@ def heldout_measurements(sampler: PosteriorSampler, start: int, stop: int, seed:
     task = getattr(sampler, "task", None)
     if task is None or task.kind != "image":
         raise ApsError("held-out measurements need an image checkpoint")
-    x_all, labels = heldout_images(task.data, sampler.operator.x_shape)
+    x_all, labels = heldout_images(data or task.data, sampler.operator.x_shape)
     if not 0 <= start < stop <= len(x_all):
         raise ApsError(f"held-out range {start}:{stop} is outside the {len(x_all)} held-out images")
     op = sampler.operator.cpu()

@@ -5,6 +5,7 @@ and images share one loop:
 
     task.prior, task.operator      frozen modules (moved with task.to(device))
     task.sample_x(n)               clean x (n, *event_shape) from which y = operator.measure(x) is made
+    task.sample_y(n)               measurements without ground truth for the APS term, or None (y from x)
     task.make_flow(cfg)            a fresh conditional flow for this prior and operator
     task.attach(flow)              runtime-only pieces of a flow that are not saved (A^T y for the encoder)
     task.config()                  the "task" dict stored in the checkpoint; `load_task` reads it back
@@ -61,6 +62,9 @@ class MixtureTask:
             x = self.prior.sample(16384).to(flow.frame.L.dtype)
             flow.fit_base(x, self.operator.measure(x))
         return flow
+
+    def sample_y(self, n: int):
+        return None
 
     def attach(self, flow):
         return flow
@@ -122,6 +126,9 @@ def heldout_images(data: str, event_shape) -> tuple[torch.Tensor, torch.Tensor |
         return load_mnist("test", size=event_shape[1]), load_mnist_labels("test")
     if data == "digits8":
         return load_digits8("test"), load_digits8_labels("test")
+    if data == "prior":
+        raise ApsError("a flow trained on prior samples has no held-out images of its own: name a data set "
+                       "(e.g. --heldout-data mnist)")
     raise ApsError(f"the data set {data!r} has no held-out split (only mnist and digits8 have one)")
 
 
@@ -143,17 +150,23 @@ class ImageTask:
     Args:
         prior: a DiffusersPrior (frozen).
         operator: an ImageOperator with x_shape == prior.event_shape.
-        data: the data set's name (mnist, digits8, a folder) for the checkpoint and held-out evaluation.
+        data: the data set's name (mnist, digits8, a folder, or prior) for the checkpoint and held-out evaluation.
         images: (N, *event_shape) clean training images, or None for sampling only.
+        bank: with data "prior": the record of the prior bank the images are (aps.prior_bank), saved in config().
+        measurements: (M, *y_shape) measurements without ground truth for the APS term (the paper's protocol),
+            or None: the APS term then sees y = A(x) + noise of the images. `measurements_record` names them.
     """
 
     kind = "image"
 
-    def __init__(self, prior, operator, data: str = "mnist", images: torch.Tensor | None = None):
+    def __init__(self, prior, operator, data: str = "mnist", images: torch.Tensor | None = None,
+                 bank: dict | None = None, measurements: torch.Tensor | None = None,
+                 measurements_record: dict | None = None):
         if prior.event_shape is not None and tuple(operator.x_shape) != tuple(prior.event_shape):
             raise ApsError(f"operator {operator.name} works on images {tuple(operator.x_shape)} "
                            f"but the prior models {tuple(prior.event_shape)}")
         self.prior, self.operator, self.data, self.images = prior, operator, data, images
+        self.bank, self.measurements, self.measurements_record = bank, measurements, measurements_record
         self._fingerprint = None
         self._preview_y = None
 
@@ -167,6 +180,8 @@ class ImageTask:
         self.prior, self.operator = self.prior.to(device), self.operator.to(device)
         if self.images is not None:
             self.images = self.images.to(device)
+        if self.measurements is not None:
+            self.measurements = self.measurements.to(device)
         return self
 
     @property
@@ -183,8 +198,17 @@ class ImageTask:
         flows of the first session shrank to a pixel std of 0.02 with 80% coverage; the classifier flow
         with forward-KL weight 10 collapsed to one image). Dequantised pairs have a density.
         """
+        if self.images is None:
+            raise ApsError("this task has no clean images (measurements only): the forward-KL term needs --data prior")
         idx = torch.randint(len(self.images), (n,), device=self.images.device)
         return dequantise(self.images[idx], self.levels)
+
+    def sample_y(self, n: int) -> torch.Tensor | None:
+        """n of the given measurements, drawn with replacement, (n, *y_shape); None without --measurements."""
+        if self.measurements is None:
+            return None
+        idx = torch.randint(len(self.measurements), (n,), device=self.measurements.device)
+        return self.measurements[idx]
 
     def make_flow(self, cfg):
         """A ConditionalGlow with the y_kind of the operator (and A^T y as an extra input with --backprojection)."""
@@ -231,8 +255,13 @@ class ImageTask:
         return flow
 
     def config(self) -> dict:
-        return {"kind": self.kind, "prior": {**self.prior.config(), "fingerprint": self.fingerprint},
-                "operator": _normalised(self.operator.config()), "data": self.data}
+        cfg = {"kind": self.kind, "prior": {**self.prior.config(), "fingerprint": self.fingerprint},
+               "operator": _normalised(self.operator.config()), "data": self.data}
+        if self.bank is not None:
+            cfg["prior_bank"] = dict(self.bank)
+        if self.measurements_record is not None:
+            cfg["measurements"] = dict(self.measurements_record)
+        return cfg
 
     def save(self, folder) -> None:
         pass  # everything is in config(): the prior is named, the operator rebuilt from its config
@@ -242,6 +271,10 @@ class ImageTask:
         """A uint8 grid (rows: measurement, samples, mean of 16, truth) for n_y fixed training measurements."""
         from .image_grid import posterior_grid
 
+        if self._preview_y is None and self.images is None:  # measurements only: no truth to show
+            g = torch.Generator().manual_seed(seed)
+            idx = torch.randint(len(self.measurements), (n_y,), generator=g)
+            self._preview_y = (None, self.measurements[idx.to(self.measurements.device)].cpu())
         if self._preview_y is None:
             g = torch.Generator().manual_seed(seed)
             idx = torch.randint(len(self.images), (n_y,), generator=g)
@@ -254,8 +287,12 @@ class ImageTask:
         return posterior_grid(self.operator, y, samples.float().cpu(), x, n_show=n_samples)
 
 
-def make_task(cfg, with_data: bool = True):
-    """The task a TrainConfig names: a mixture problem, or --prior + --operator (+ --data) for images."""
+def make_task(cfg, with_data: bool = True, device=None):
+    """The task a TrainConfig names: a mixture problem, or --prior + --operator (+ --data, --measurements) for images.
+
+    --data prior draws the images from the prior on `device` (or reads them from the bank cache); with
+    --measurements and no forward-KL term, no images are loaded at all.
+    """
     if not cfg.is_image:
         from .problems import load_problem, mcgdiff_problem
 
@@ -271,8 +308,35 @@ def make_task(cfg, with_data: bool = True):
 
     prior = DiffusersPrior.from_pretrained(cfg.prior, gradient_checkpointing=cfg.prior_gradient_checkpointing)
     operator = build(cfg.operator, image_shape=prior.event_shape, **cfg.operator_args())
-    images = load_images(cfg.data, prior.event_shape) if with_data else None
-    return ImageTask(prior, operator, cfg.data, images)
+    measurements, record = (load_measurements(cfg.measurements, operator) if cfg.measurements else (None, None))
+    images, bank = None, None
+    if with_data and (measurements is None or cfg.fkl_weight > 0):
+        if cfg.data == "prior":
+            from .prior_bank import prior_bank, to_float
+
+            uint8, bank = prior_bank(prior, cfg.prior_bank, sampler=cfg.prior_sampler, steps=cfg.prior_steps,
+                                     seed=0, batch=cfg.prior_batch, device=device, cache_dir=cfg.prior_cache or None)
+            images = to_float(uint8)
+        else:
+            images = load_images(cfg.data, prior.event_shape)
+    return ImageTask(prior, operator, cfg.data, images, bank=bank, measurements=measurements,
+                     measurements_record=record)
+
+
+def load_measurements(path: str, operator) -> tuple[torch.Tensor, dict]:
+    """The 'y' (N, *y_shape) of a tensor file, checked against the operator, and a record {path, n, sha256}."""
+    from .io import read_tensors
+
+    tensors = read_tensors(path)
+    if "y" not in tensors:
+        raise ApsError(f"--measurements {path}: no array named 'y' (it has: {', '.join(tensors) or 'none'})")
+    y = tensors["y"]
+    y = y.float() if y.is_floating_point() else y  # class labels stay integers
+    if len(y) < 1:
+        raise ApsError(f"--measurements {path}: 'y' holds no measurements")
+    y = operator.check_y(y)
+    digest = hashlib.sha256(y.contiguous().numpy().tobytes()).hexdigest()[:16]
+    return y, {"path": str(path), "n": len(y), "sha256": digest}
 
 
 def _find_prior(path: str) -> str:

@@ -39,9 +39,10 @@ class APSModel(nn.Module):
         super().__init__()
         self.flow = flow
 
-    def forward(self, y, prior, operator, cfg: TrainConfig, beta, x_pairs=None, aps_weight=None):
+    def forward(self, y, prior, operator, cfg: TrainConfig, beta, x_pairs=None, aps_weight=None, y_pairs=None):
         """The loss and its terms for measurements y; beta and aps_weight (default cfg.aps_weight) may be
-        floats or 0-d tensors (a CUDA graph replays with new values in the same tensors)."""
+        floats or 0-d tensors (a CUDA graph replays with new values in the same tensors). (x_pairs, y_pairs):
+        the forward-KL term's pairs (y_pairs defaults to y: the pairs the measurements were made from)."""
         loss, out = 0.0, {}
         aps_weight = cfg.aps_weight if aps_weight is None else aps_weight
         if cfg.aps_weight > 0:
@@ -52,7 +53,7 @@ class APSModel(nn.Module):
             loss = aps_weight * objective.expectation(objective.aps_loss(terms, beta, cfg.likelihood_weight), weight).mean()
             out = {k: objective.expectation(terms[k], weight).detach().mean() for k in ("nll", "prior", "log_q")}
         if cfg.fkl_weight > 0 and x_pairs is not None:
-            fkl = objective.forward_kl(self.flow, x_pairs, y).mean()
+            fkl = objective.forward_kl(self.flow, x_pairs, y if y_pairs is None else y_pairs).mean()
             loss = loss + cfg.fkl_weight * fkl
             out["forward_kl"] = fkl.detach()
         out["loss"] = loss
@@ -161,15 +162,19 @@ def training_step(accelerator, model, opt, task, cfg: TrainConfig, beta: float, 
     """One optimizer step over cfg.grad_accum micro-batches of fresh measurements; the last micro-batch's terms.
 
     x ~ the task's clean data, y = A(x) + sigma_y n, the loss of `APSModel` at tempering beta; the LR is set
-    to `lr` first. Adds no host sync of its own (the caller reads the terms only every log_every steps).
+    to `lr` first. With measurements only (task.sample_y), the APS term sees those y instead, and the
+    forward-KL term (if weighted) the pairs (x, A(x) + noise). Adds no host sync of its own (the caller reads
+    the terms only every log_every steps).
     """
     for group in opt.param_groups:
         group["lr"] = lr
     for _ in range(cfg.grad_accum):  # one optimizer step per call, over grad_accum micro-batches
         with accelerator.accumulate(model):
-            x0 = task.sample_x(cfg.batch_size)  # (B, *event_shape)
-            y = task.operator.measure(x0)  # (B, *y_shape)
-            terms = model(y, task.prior, task.operator, cfg, beta, x_pairs=x0, aps_weight=aps_weight)
+            y = task.sample_y(cfg.batch_size)  # (B, *y_shape) measurements without truth, or None
+            x0 = task.sample_x(cfg.batch_size) if y is None or cfg.fkl_weight > 0 else None  # (B, *event_shape)
+            y0 = None if x0 is None else task.operator.measure(x0)  # (B, *y_shape)
+            terms = model(y0 if y is None else y, task.prior, task.operator, cfg, beta, x_pairs=x0,
+                          aps_weight=aps_weight, y_pairs=y0)
             accelerator.backward(terms["loss"])
             if accelerator.sync_gradients and cfg.grad_clip > 0:
                 accelerator.clip_grad_norm_(model.parameters(), cfg.grad_clip)
@@ -197,7 +202,8 @@ def train(cfg: TrainConfig, callback=None) -> Path:
     if cfg.resume and not cfg.is_image:
         task = MixtureTask(load_problem(out / PROBLEM_FILE))
     else:
-        task = make_task(cfg)
+        with accelerator.main_process_first():  # --data prior: the main process draws and caches the bank
+            task = make_task(cfg, device=accelerator.device)
     if cfg.resume and cfg.is_image:
         saved = read_config(out)["task"]
         if saved != task.config():

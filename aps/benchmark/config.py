@@ -35,6 +35,7 @@ class BenchmarkConfig:
     batch_size: int = 4096                   # rows (measurements x samples) per solver call (memory)
     throughput_batch: int = 1000             # APS: samples/s of one flow pass of this many samples
     seed: int = 0                            # measurement noise (images) and the solvers' noise
+    heldout_data: str | None = None          # images: held-out images of this data set (flows trained on --data prior)
     # I/O
     out: str = "results/benchmark"           # folder: benchmark.json (written after each method) and figures/*.png
     judge: str = "checkpoints/mnist-classifier-heldout"  # classifier operators: a second classifier scoring samples

@@ -116,7 +116,7 @@ class ImageTarget:
         if split == "tune" and start < self.cfg.n_measurements:
             raise ApsError(f"tuning digits start at {start}, inside the {self.cfg.n_measurements} scored digits; "
                            "raise --tune-first")
-        y, x, _ = heldout_measurements(self.sampler, start, start + n, seed=self.cfg.seed)
+        y, x, _ = heldout_measurements(self.sampler, start, start + n, seed=self.cfg.seed, data=self.cfg.heldout_data)
         return x, y
 
     def cm(self):

@@ -21,6 +21,7 @@ from ..schedules import DiscreteSchedule
 from .base import Prior
 
 SCHEDULER_CONFIG = "scheduler_config.json"
+SAMPLERS = ("ddpm", "ddim")
 
 
 def _scheduler_class(config: dict):
@@ -101,24 +102,27 @@ class DiffusersPrior(Prior):
 
     @torch.no_grad()
     def sample(self, n: int, generator=None, num_inference_steps: int | None = None,
-               progress: bool = False) -> torch.Tensor:
-        """n samples (n, C, H, W) by DDPM ancestral sampling (the scheduler's `step`).
+               progress: bool = False, sampler: str = "ddpm") -> torch.Tensor:
+        """n samples (n, C, H, W) by the scheduler's `step`: DDPM ancestral sampling, or DDIM (eta 0, deterministic
+        given the starting noise; Song et al. 2021) built from the same scheduler config.
 
         generator: one torch.Generator, or a list of n of them (one per sample: sample i then does not
         depend on n or the batch). num_inference_steps: default all T training steps.
         """
-        from diffusers import DDPMScheduler
+        from diffusers import DDIMScheduler, DDPMScheduler
         from diffusers.utils.torch_utils import randn_tensor
 
+        if sampler not in SAMPLERS:
+            raise ApsError(f"unknown prior sampler {sampler!r}; choose one of {', '.join(SAMPLERS)}")
         weight = next(self.unet.parameters(), None)
         device = torch.device("cpu") if weight is None else weight.device
-        sched = DDPMScheduler.from_config(self.scheduler.config)
+        sched = (DDIMScheduler if sampler == "ddim" else DDPMScheduler).from_config(self.scheduler.config)
         sched.set_timesteps(num_inference_steps or self.schedule.num_timesteps, device=device)
         x = randn_tensor((n, *self.event_shape), generator=generator, device=device, dtype=torch.float32)
         steps = sched.timesteps
         if progress:
             from tqdm.auto import tqdm
-            steps = tqdm(steps, desc="DDPM sampling")
+            steps = tqdm(steps, desc=f"{sampler.upper()} sampling")
         for k in steps:
             eps = self.eps(x, k.to(torch.float32).expand(n))
             x = sched.step(eps, k, x, generator=generator).prev_sample

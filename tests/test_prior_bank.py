@@ -152,7 +152,7 @@ def test_train_py_from_prior_samples(prior_folder, tmp_path):
     assert task["prior_bank"] == {k: drawn[k] for k in ("sampler", "steps", "seed", "key", "n")}
     assert [f.stem for f in cache.glob("*.safetensors")] == [task["prior_bank"]["key"]]
     proc = run("benchmark.py", tmp_path / "a", "--solvers", "aps", "--n-measurements", "2", "--n-samples", "2",
-               "--n-tune", "1", "--heldout-data", "digits8", "--no-figures", "--out", tmp_path / "r")
+               "--n-tune", "1", "--tune-first", "2", "--heldout-data", "digits8", "--no-figures", "--out", tmp_path / "r")
     assert proc.returncode == 0, proc.stderr
     proc = run("sample.py", tmp_path / "a", "--heldout", "0:2", "--n", "3", "--out", tmp_path / "s.safetensors")
     assert_one_line_error(proc, "sample.py", "--heldout-data")

@@ -21,6 +21,8 @@ CASES = {
     "class": ("class", (), dict(n_classes=10)),
     "class_template": ("class", (), dict(n_classes=10, class_template=True)),
     "color_3_levels": ("image", (3, 8, 8), dict(levels=3)),
+    "encoder_blocks": ("small_image", (1, 4, 4), dict(encoder_blocks=1)),
+    "color_encoder_blocks_3_levels": ("image", (3, 8, 8), dict(levels=3, encoder_blocks=2)),
 }
 A = torch.randn(12, 64, generator=torch.Generator().manual_seed(1))
 
@@ -216,3 +218,21 @@ def test_checkpoint_save_and_load(tmp_path):
     y, z = make_y("class", 2), torch.randn(4, *EVENT)
     with torch.no_grad():
         assert torch.equal(flow(z, y)[0], loaded(z, y)[0])
+
+
+def test_encoder_top_down_path_sees_all_of_y():
+    """With encoder blocks, the finest map at one corner depends on y at the far corner (the plain pyramid's does not)."""
+    for blocks, far in ((0, False), (1, True)):
+        torch.manual_seed(0)
+        flow = ConditionalGlow((1, 32, 32), (1, 32, 32), "image", levels=3, steps_per_level=1, hidden_channels=8,
+                               cond_channels=8, encoder_blocks=blocks)
+        y = torch.randn(1, 1, 32, 32, requires_grad=True)
+        flow.encode(y)[0][0, :, 0, 0].sum().backward()  # map of level 0 (16x16), top-left pixel
+        assert (y.grad[0, 0, -4:, -4:].abs().sum() > 0) == far
+
+
+def test_default_config_records_no_new_options():
+    """Flows built at the defaults write the same config as before the options existed (old checkpoints load)."""
+    config = ConditionalGlow((1, 8, 8), (1, 8, 8), "image", levels=2).config()
+    assert set(config) == {"type", "event_shape", "y_shape", "y_kind", "levels", "steps_per_level", "hidden_channels",
+                           "cond_channels", "clamp", "n_classes", "extra_channels"}

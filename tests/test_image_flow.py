@@ -23,6 +23,8 @@ CASES = {
     "color_3_levels": ("image", (3, 8, 8), dict(levels=3)),
     "encoder_blocks": ("small_image", (1, 4, 4), dict(encoder_blocks=1)),
     "color_encoder_blocks_3_levels": ("image", (3, 8, 8), dict(levels=3, encoder_blocks=2)),
+    "residual_attention": ("image", (2, 8, 8), dict(coupling_blocks=2, attention_levels=1)),
+    "color_attention_all_levels": ("vector", (12,), dict(levels=3, attention_levels=3, encoder_blocks=1)),
 }
 A = torch.randn(12, 64, generator=torch.Generator().manual_seed(1))
 

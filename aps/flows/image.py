@@ -190,6 +190,9 @@ class ConditionalGlow(ConditionalFlow):
             them at the class's training-image mean and std.
         encoder_blocks: residual blocks per scale of the measurement encoder, with its top-down path
             (`MeasurementEncoder`; 0: the plain pyramid).
+        coupling_blocks: residual blocks in every coupling network (`ConditionalAffineCoupling`; 0: Glow's).
+        attention_levels: the couplings of this many coarsest levels end their network with a self-attention
+            layer over the level's positions (0: none).
     Shapes: `sample(y, n)`: y (B, *y_shape) -> x (B, n, C, H, W), log_q (B, n); `log_prob(x, y)` -> (B,).
 
     Example:
@@ -213,6 +216,8 @@ class ConditionalGlow(ConditionalFlow):
         extra_channels: int = 0,
         class_template: bool = False,
         encoder_blocks: int = 0,
+        coupling_blocks: int = 0,
+        attention_levels: int = 0,
     ):
         super().__init__()
         self.event_shape, self.y_shape = tuple(event_shape), tuple(y_shape)
@@ -223,8 +228,10 @@ class ConditionalGlow(ConditionalFlow):
         # options recorded only when not at their defaults, so configs of flows without them stay as they were
         if class_template:
             self._args["class_template"] = True
-        if encoder_blocks:
-            self._args["encoder_blocks"] = encoder_blocks
+        for key, value in (("encoder_blocks", encoder_blocks), ("coupling_blocks", coupling_blocks),
+                           ("attention_levels", attention_levels)):
+            if value:
+                self._args[key] = value
         self._check_args()
         self.extra_channels = extra_channels
         self.backprojection: Callable | None = None
@@ -237,11 +244,14 @@ class ConditionalGlow(ConditionalFlow):
         # level's steps (coupling, 1x1 conv, ActNorm: a Glow step read backwards) and an un-squeeze
         # (normflows' Squeeze.forward un-squeezes; Reverse makes it squeeze)
         flows = [Unconditional(nf.flows.Reverse(nf.flows.Squeeze())) for _ in range(levels)]
+        _, h, w = self.event_shape
         for level in reversed(range(levels)):
             n = c * 2 ** (level + 2)
+            size = (h // 2 ** (level + 1), w // 2 ** (level + 1))
+            attention = size if level >= levels - attention_levels else None
             for _ in range(steps_per_level):
                 flows += [
-                    ConditionalAffineCoupling(n, cond_channels, hidden_channels, clamp, level),
+                    ConditionalAffineCoupling(n, cond_channels, hidden_channels, clamp, level, coupling_blocks, attention),
                     LUInvertibleConv1x1(n),
                     Unconditional(nf.flows.AffineConstFlow((n, 1, 1)), n),
                 ]
@@ -259,8 +269,10 @@ class ConditionalGlow(ConditionalFlow):
             raise ApsError(f"event_shape must be (C, H, W), got {ev}")
         if a["levels"] < 1 or a["steps_per_level"] < 1:
             raise ApsError("levels and steps_per_level must be >= 1")
-        if a.get("encoder_blocks", 0) < 0:
-            raise ApsError(f"encoder_blocks must be >= 0, got {a['encoder_blocks']}")
+        if a.get("encoder_blocks", 0) < 0 or a.get("coupling_blocks", 0) < 0:
+            raise ApsError("encoder_blocks and coupling_blocks must be >= 0")
+        if not 0 <= a.get("attention_levels", 0) <= a["levels"]:
+            raise ApsError(f"attention_levels must be in 0 .. levels = {a['levels']}, got {a['attention_levels']}")
         _, h, w = ev
         f = 2 ** a["levels"]
         if h % f or w % f:

@@ -28,6 +28,12 @@ the classifier operator the flow can end with a per-class template and spread (`
 the flow starts as the class's Gaussian and the couplings learn the rest; without it the first
 session's classifier flows collapsed to one image for every label (BENCHMARKS.md).
 
+Stronger variants, each off by default (a flow built at the defaults is the plain conditional Glow, its
+config and weights unchanged): `encoder_blocks` gives the encoder residual blocks at every scale and a
+top-down path; `coupling_blocks` residual blocks in every coupling network; `attention_levels` a
+self-attention layer in the couplings of the coarsest levels; `tarflow_blocks` conditional TarFlow blocks
+(aps.flows.tarflow) on the coarsest tokens before the Glow levels, in the sampling direction.
+
 Speed (the sampler draws thousands of x per y): y is encoded once and its maps are broadcast over
 the n samples of each measurement inside the couplings (`forward` does not repeat the context);
 the maps enter each coupling through a 1x1 conv, since a 3x3 over them would be most of the
@@ -45,6 +51,7 @@ from torch import nn
 from ..errors import ApsError
 from .base import ConditionalFlow, standard_normal_log_prob
 from .layers import ConditionalAffineCoupling, ConditionalPixelAffine, LUInvertibleConv1x1, Unconditional
+from .tarflow import ConditionalTarFlowBlock
 
 Y_KINDS = ("image", "small_image", "vector", "class")
 
@@ -193,6 +200,10 @@ class ConditionalGlow(ConditionalFlow):
         coupling_blocks: residual blocks in every coupling network (`ConditionalAffineCoupling`; 0: Glow's).
         attention_levels: the couplings of this many coarsest levels end their network with a self-attention
             layer over the level's positions (0: none).
+        tarflow_blocks: conditional TarFlow blocks (`ConditionalTarFlowBlock`, a causal transformer over the
+            (H/2^L) * (W/2^L) tokens of 2^L x 2^L patches) at the start of the sampling direction, before the
+            Glow levels; sampling runs them sequentially over those tokens (0: none).
+        tarflow_width, tarflow_layers: width and layers of each TarFlow block's transformer.
     Shapes: `sample(y, n)`: y (B, *y_shape) -> x (B, n, C, H, W), log_q (B, n); `log_prob(x, y)` -> (B,).
 
     Example:
@@ -218,6 +229,9 @@ class ConditionalGlow(ConditionalFlow):
         encoder_blocks: int = 0,
         coupling_blocks: int = 0,
         attention_levels: int = 0,
+        tarflow_blocks: int = 0,
+        tarflow_width: int = 128,
+        tarflow_layers: int = 2,
     ):
         super().__init__()
         self.event_shape, self.y_shape = tuple(event_shape), tuple(y_shape)
@@ -232,6 +246,8 @@ class ConditionalGlow(ConditionalFlow):
                            ("attention_levels", attention_levels)):
             if value:
                 self._args[key] = value
+        if tarflow_blocks:
+            self._args.update(tarflow_blocks=tarflow_blocks, tarflow_width=tarflow_width, tarflow_layers=tarflow_layers)
         self._check_args()
         self.extra_channels = extra_channels
         self.backprojection: Callable | None = None
@@ -245,6 +261,11 @@ class ConditionalGlow(ConditionalFlow):
         # (normflows' Squeeze.forward un-squeezes; Reverse makes it squeeze)
         flows = [Unconditional(nf.flows.Reverse(nf.flows.Squeeze())) for _ in range(levels)]
         _, h, w = self.event_shape
+        # TarFlow blocks first: on the whole tensor at the coarsest resolution, tokens of 2^L x 2^L patches,
+        # so they also correlate the latents that finer levels factor out (a conditional, learned base)
+        coarse = (h // 2 ** levels, w // 2 ** levels)
+        flows += [ConditionalTarFlowBlock(c * 4 ** levels, cond_channels, coarse, tarflow_width, tarflow_layers, clamp,
+                                          levels - 1, reverse=bool(k % 2)) for k in range(tarflow_blocks)]
         for level in reversed(range(levels)):
             n = c * 2 ** (level + 2)
             size = (h // 2 ** (level + 1), w // 2 ** (level + 1))
@@ -271,6 +292,10 @@ class ConditionalGlow(ConditionalFlow):
             raise ApsError("levels and steps_per_level must be >= 1")
         if a.get("encoder_blocks", 0) < 0 or a.get("coupling_blocks", 0) < 0:
             raise ApsError("encoder_blocks and coupling_blocks must be >= 0")
+        if a.get("tarflow_blocks", 0) < 0:
+            raise ApsError(f"tarflow_blocks must be >= 0, got {a['tarflow_blocks']}")
+        if a.get("tarflow_blocks") and (a["tarflow_width"] < 1 or a["tarflow_layers"] < 1):
+            raise ApsError("tarflow_width and tarflow_layers must be >= 1")
         if not 0 <= a.get("attention_levels", 0) <= a["levels"]:
             raise ApsError(f"attention_levels must be in 0 .. levels = {a['levels']}, got {a['attention_levels']}")
         _, h, w = ev

@@ -22,6 +22,7 @@ from . import objective
 from .checkpoint import CONFIG, build_flow, load_flow, read_config, save_checkpoint
 from .config import TrainConfig
 from .errors import ApsError
+from .graph_step import GraphedStep
 from .problems import load_problem
 from .tasks import PROBLEM_FILE, MixtureTask, make_task
 
@@ -38,13 +39,17 @@ class APSModel(nn.Module):
         super().__init__()
         self.flow = flow
 
-    def forward(self, y, prior, operator, cfg: TrainConfig, beta: float, x_pairs=None):
+    def forward(self, y, prior, operator, cfg: TrainConfig, beta, x_pairs=None, aps_weight=None):
+        """The loss and its terms for measurements y; beta and aps_weight (default cfg.aps_weight) may be
+        floats or 0-d tensors (a CUDA graph replays with new values in the same tensors)."""
         loss, out = 0.0, {}
+        aps_weight = cfg.aps_weight if aps_weight is None else aps_weight
         if cfg.aps_weight > 0:
             terms = objective.aps_terms(self.flow, prior, operator, y, n_z=cfg.n_z, n_elbo=cfg.n_elbo,
-                                        elbo_sampling=cfg.elbo_sampling, exact_prior=cfg.exact_prior)
+                                        elbo_sampling=cfg.elbo_sampling, exact_prior=cfg.exact_prior,
+                                        elbo_strata=cfg.elbo_strata, elbo_antithetic=cfg.elbo_antithetic)
             weight = terms["weight"]  # (B, n): E_z as a weighted mean (stratified for a mixture base)
-            loss = cfg.aps_weight * objective.expectation(objective.aps_loss(terms, beta, cfg.likelihood_weight), weight).mean()
+            loss = aps_weight * objective.expectation(objective.aps_loss(terms, beta, cfg.likelihood_weight), weight).mean()
             out = {k: objective.expectation(terms[k], weight).detach().mean() for k in ("nll", "prior", "log_q")}
         if cfg.fkl_weight > 0 and x_pairs is not None:
             fkl = objective.forward_kl(self.flow, x_pairs, y).mean()
@@ -151,7 +156,8 @@ class EMA(nn.Module):
         self.n_averaged.fill_(self._n)
 
 
-def training_step(accelerator, model, opt, task, cfg: TrainConfig, beta: float, lr: float) -> dict:
+def training_step(accelerator, model, opt, task, cfg: TrainConfig, beta: float, lr: float,
+                  aps_weight: float | None = None) -> dict:
     """One optimizer step over cfg.grad_accum micro-batches of fresh measurements; the last micro-batch's terms.
 
     x ~ the task's clean data, y = A(x) + sigma_y n, the loss of `APSModel` at tempering beta; the LR is set
@@ -163,7 +169,7 @@ def training_step(accelerator, model, opt, task, cfg: TrainConfig, beta: float, 
         with accelerator.accumulate(model):
             x0 = task.sample_x(cfg.batch_size)  # (B, *event_shape)
             y = task.operator.measure(x0)  # (B, *y_shape)
-            terms = model(y, task.prior, task.operator, cfg, beta, x_pairs=x0)
+            terms = model(y, task.prior, task.operator, cfg, beta, x_pairs=x0, aps_weight=aps_weight)
             accelerator.backward(terms["loss"])
             if accelerator.sync_gradients and cfg.grad_clip > 0:
                 accelerator.clip_grad_norm_(model.parameters(), cfg.grad_clip)
@@ -230,6 +236,9 @@ def train(cfg: TrainConfig, callback=None) -> Path:
         saved = read_config(out)
         start, seconds_before = saved["step"], float(saved.get("train_seconds", 0.0))
 
+    # after any load_state: it puts the optimizer's step counts and learning rate on the device
+    graphed = GraphedStep(accelerator, model, opt, task, cfg) if cfg.cuda_graph else None
+
     def shipped_flow():
         return ema.module if ema is not None else accelerator.unwrap_model(model).flow
 
@@ -254,8 +263,11 @@ def train(cfg: TrainConfig, callback=None) -> Path:
         progress = step / cfg.steps
         if cfg.max_seconds > 0:
             progress = max(progress, now / cfg.max_seconds)
-        beta = cfg.beta_at(progress)
-        terms = training_step(accelerator, model, opt, task, cfg, beta, cfg.lr * lr_factor(cfg, step, progress))
+        beta, lr, aps_weight = cfg.beta_at(progress), cfg.lr * lr_factor(cfg, step, progress), cfg.aps_weight_at(progress)
+        if graphed is not None:
+            terms = graphed(beta, lr, aps_weight)
+        else:
+            terms = training_step(accelerator, model, opt, task, cfg, beta, lr, aps_weight)
         if ema is not None:
             ema.update_parameters(accelerator.unwrap_model(model).flow)
         done = step + 1
@@ -263,7 +275,7 @@ def train(cfg: TrainConfig, callback=None) -> Path:
             callback(accelerator, model, done)
         if (step + 1) % cfg.log_every == 0 or step + 1 == cfg.steps:
             logs = {k: accelerator.reduce(v.detach().float(), "mean").item() for k, v in terms.items()}
-            logs.update(beta=beta, lr=opt.param_groups[0]["lr"])
+            logs.update(beta=beta, lr=lr, aps_weight=aps_weight)
             accelerator.log(logs, step=step + 1)
             bar.set_postfix(loss=f"{logs['loss']:.3f}", beta=f"{beta:.3f}")
         if cfg.sample_every and (step + 1) % cfg.sample_every == 0 and accelerator.is_main_process:

@@ -191,6 +191,8 @@ def train(cfg: TrainConfig, callback=None) -> Path:
         log_with="tensorboard",
         project_config=ProjectConfiguration(project_dir=str(out), logging_dir=str(out / "logs"),
                                             automatic_checkpoint_naming=True, total_limit=cfg.keep))
+    if cfg.cuda_graph == "on" and (accelerator.device.type != "cuda" or accelerator.num_processes != 1):
+        raise ApsError("--cuda-graph on needs one process on a CUDA GPU (use auto or off for CPU or multi-GPU runs)")
     set_seed(cfg.seed)  # the same initial weights on every rank; noise differs below
     if cfg.resume and not cfg.is_image:
         task = MixtureTask(load_problem(out / PROBLEM_FILE))
@@ -237,7 +239,7 @@ def train(cfg: TrainConfig, callback=None) -> Path:
         start, seconds_before = saved["step"], float(saved.get("train_seconds", 0.0))
 
     # after any load_state: it puts the optimizer's step counts and learning rate on the device
-    graphed = GraphedStep(accelerator, model, opt, task, cfg) if cfg.cuda_graph else None
+    graphed = GraphedStep(accelerator, model, opt, task, cfg) if use_cuda_graph(cfg, accelerator) else None
 
     def shipped_flow():
         return ema.module if ema is not None else accelerator.unwrap_model(model).flow
@@ -297,6 +299,15 @@ def train(cfg: TrainConfig, callback=None) -> Path:
         _log_preview(accelerator, task, shipped_flow(), out, done)
     accelerator.end_training()
     return out
+
+
+def use_cuda_graph(cfg: TrainConfig, accelerator) -> bool:
+    """--cuda-graph: on (required), off, or auto: on for image tasks in one CUDA process with one micro-batch
+    (the vector flows' splines read the device inside their layers, which a graph cannot capture)."""
+    if cfg.cuda_graph == "on":
+        return True
+    return (cfg.cuda_graph == "auto" and cfg.is_image and accelerator.device.type == "cuda"
+            and accelerator.num_processes == 1 and cfg.grad_accum == 1)
 
 
 def elapsed(accelerator, t_start: float) -> float:

@@ -63,6 +63,16 @@ class TrainConfig:
     glow_hidden: int = option(64, "channels of each coupling network", "image flow")
     glow_cond: int = option(32, "channels of the measurement features", "image flow")
     glow_clamp: float = option(2.0, "soft bound on each coupling's log-scale", "image flow")
+    glow_enc_blocks: int = option(0, "residual blocks per scale of the measurement encoder, with a top-down path so that "
+                                  "every level's features see all of y (SRFlow-style; 0 = the plain pyramid)", "image flow")
+    glow_blocks: int = option(0, "residual blocks in each coupling network (0 = Glow's conv 3x3, 1x1, 3x3)", "image flow")
+    glow_attention: int = option(0, "the coupling networks of this many coarsest levels get a self-attention layer over "
+                                 "the level's positions (0 = none)", "image flow")
+    glow_tarflow: int = option(0, "TarFlow blocks (causal transformer over the tokens of 2^L x 2^L patches, affine "
+                               "autoregressive) before the Glow levels; sampling is sequential over the (H W / 4^L) "
+                               "tokens (0 = none)", "image flow")
+    glow_tarflow_width: int = option(128, "width of each TarFlow block's transformer", "image flow")
+    glow_tarflow_layers: int = option(2, "transformer layers per TarFlow block", "image flow")
     backprojection: bool = option(False, "also feed A^T y (the adjoint of a linear operator) to the flow's encoder", "image flow")
     class_template: bool = option(True, "classifier operator: end the flow with x = t_c + exp(s_c) * x', a learned image and "
                                   "log-scale per class started at the class's mean and std of the training images", "image flow")
@@ -126,7 +136,8 @@ class TrainConfig:
     ARCH_FIELDS = ("flow_layers", "flow_hidden", "flow_blocks", "flow_bins", "flow_tail_bound", "flow_frame",
                    "flow_base_components", "flow_base_gate", "flow_fourier", "flow_fourier_scale",
                    "glow_levels", "glow_steps", "glow_hidden", "glow_cond", "glow_clamp", "backprojection",
-                   "class_template") + TASK_FIELDS
+                   "class_template", "glow_enc_blocks", "glow_blocks", "glow_attention",
+                   "glow_tarflow", "glow_tarflow_width", "glow_tarflow_layers") + TASK_FIELDS
 
     def __post_init__(self):
         self.op_arg = list(self.op_arg or [])
@@ -158,6 +169,12 @@ class TrainConfig:
             raise ApsError(f"--temper-frac must be in (0, 1], got {self.temper_frac}")
         if self.flow_fourier < 0 or self.flow_fourier_scale <= 0:
             raise ApsError("--flow-fourier must be >= 0 and --flow-fourier-scale > 0")
+        if self.glow_enc_blocks < 0 or self.glow_blocks < 0 or self.glow_tarflow < 0:
+            raise ApsError("--glow-enc-blocks, --glow-blocks and --glow-tarflow must be >= 0")
+        if self.glow_tarflow_width < 1 or self.glow_tarflow_layers < 1:
+            raise ApsError("--glow-tarflow-width and --glow-tarflow-layers must be at least 1")
+        if not 0 <= self.glow_attention <= self.glow_levels:
+            raise ApsError(f"--glow-attention must be in 0 .. --glow-levels ({self.glow_levels}), got {self.glow_attention}")
         if self.flow_base_components < 0:
             raise ApsError(f"--flow-base-components must be >= 0, got {self.flow_base_components}")
         if self.flow_base_gate and self.flow_base_components < 2:

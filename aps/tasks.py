@@ -224,7 +224,10 @@ class ImageTask:
                                levels=cfg.glow_levels, steps_per_level=cfg.glow_steps, hidden_channels=cfg.glow_hidden,
                                cond_channels=cfg.glow_cond, clamp=cfg.glow_clamp,
                                n_classes=getattr(self.operator, "n_classes", 10), extra_channels=extra,
-                               class_template=template)
+                               class_template=template, encoder_blocks=cfg.glow_enc_blocks,
+                               coupling_blocks=cfg.glow_blocks, attention_levels=cfg.glow_attention,
+                               tarflow_blocks=cfg.glow_tarflow, tarflow_width=cfg.glow_tarflow_width,
+                               tarflow_layers=cfg.glow_tarflow_layers)
         if template and self.images is not None:
             flow.init_class_template(*self.class_statistics())
         return self.attach(flow)

@@ -21,6 +21,14 @@ CASES = {
     "class": ("class", (), dict(n_classes=10)),
     "class_template": ("class", (), dict(n_classes=10, class_template=True)),
     "color_3_levels": ("image", (3, 8, 8), dict(levels=3)),
+    "encoder_blocks": ("small_image", (1, 4, 4), dict(encoder_blocks=1)),
+    "color_encoder_blocks_3_levels": ("image", (3, 8, 8), dict(levels=3, encoder_blocks=2)),
+    "residual_attention": ("image", (2, 8, 8), dict(coupling_blocks=2, attention_levels=1)),
+    "color_attention_all_levels": ("vector", (12,), dict(levels=3, attention_levels=3, encoder_blocks=1)),
+    "tarflow": ("image", (2, 8, 8), dict(tarflow_blocks=2, tarflow_width=16, tarflow_layers=2)),  # 4 tokens of 16
+    "color_tarflow_1_level": ("small_image", (3, 4, 4), dict(levels=1, tarflow_blocks=2, tarflow_width=8,
+                                                             tarflow_layers=1)),  # 16 tokens of 12
+    "class_template_tarflow": ("class", (), dict(n_classes=10, class_template=True, tarflow_blocks=1, tarflow_width=8)),
 }
 A = torch.randn(12, 64, generator=torch.Generator().manual_seed(1))
 
@@ -162,9 +170,10 @@ def test_class_template_starts_as_the_class_gaussian():
         make_flow("class").init_class_template(mean, std)
 
 
-def test_bf16_autocast_keeps_the_stream_fp32():
-    flow = make_flow("image")
-    y, z = make_y("image", 2), torch.randn(4, *EVENT)
+@pytest.mark.parametrize("name", ["image", "residual_attention", "tarflow"])
+def test_bf16_autocast_keeps_the_stream_fp32(name):
+    flow = make_flow(name)
+    y, z = make_y(name, 2), torch.randn(4, *EVENT)
     with torch.no_grad():
         x32, log_q32 = flow(z, y)
         with torch.autocast("cpu", dtype=torch.bfloat16):
@@ -216,3 +225,41 @@ def test_checkpoint_save_and_load(tmp_path):
     y, z = make_y("class", 2), torch.randn(4, *EVENT)
     with torch.no_grad():
         assert torch.equal(flow(z, y)[0], loaded(z, y)[0])
+
+
+def test_encoder_top_down_path_sees_all_of_y():
+    """With encoder blocks, the finest map at one corner depends on y at the far corner (the plain pyramid's does not)."""
+    for blocks, far in ((0, False), (1, True)):
+        torch.manual_seed(0)
+        flow = ConditionalGlow((1, 32, 32), (1, 32, 32), "image", levels=3, steps_per_level=1, hidden_channels=8,
+                               cond_channels=8, encoder_blocks=blocks)
+        y = torch.randn(1, 1, 32, 32, requires_grad=True)
+        flow.encode(y)[0][0, :, 0, 0].sum().backward()  # map of level 0 (16x16), top-left pixel
+        assert (y.grad[0, 0, -4:, -4:].abs().sum() > 0) == far
+
+
+def test_default_config_records_no_new_options():
+    """Flows built at the defaults write the same config as before the options existed (old checkpoints load)."""
+    config = ConditionalGlow((1, 8, 8), (1, 8, 8), "image", levels=2).config()
+    assert set(config) == {"type", "event_shape", "y_shape", "y_kind", "levels", "steps_per_level", "hidden_channels",
+                           "cond_channels", "clamp", "n_classes", "extra_channels"}
+
+
+@pytest.mark.parametrize("reverse", [False, True])
+def test_tarflow_block_is_autoregressive_over_tokens(reverse):
+    """dx_t/dz_s = 0 for tokens s after t in the block's order: the block Jacobian is triangular (lower, or upper reversed)."""
+    from aps.flows.tarflow import ConditionalTarFlowBlock
+
+    torch.manual_seed(0)
+    block = ConditionalTarFlowBlock(3, 5, (2, 3), width=8, layers=2, clamp=2.0, level=0, reverse=reverse)
+    with torch.no_grad():
+        for p in block.parameters():
+            p.add_(0.1 * torch.randn_like(p))
+    context = (torch.randn(1, 5, 2, 3),)
+    z = torch.randn(1, 3, 2, 3)
+    jac = torch.autograd.functional.jacobian(lambda v: block(v.view_as(z), context)[0].flatten(), z.flatten())
+    # raster position p of pixel (i, j) is i * 3 + j; values flatten as (channel, position)
+    jac = jac.view(3, 6, 3, 6).abs().sum((0, 2))  # (position of x, position of z)
+    later = torch.triu(torch.ones(6, 6, dtype=torch.bool), 1)
+    assert jac[later.T if reverse else later].max() == 0
+    assert jac[~(later.T if reverse else later)].min() > 0  # and it does depend on every earlier token

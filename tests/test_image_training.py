@@ -349,3 +349,24 @@ def test_init_from_starts_a_new_run_at_a_checkpoints_weights(tmp_path):
         reset_accelerate()
         with pytest.raises(ApsError, match=needle):
             train(TrainConfig(**{**base, **change}, out=str(tmp_path / "d"), init_from=str(tmp_path / "a")))
+
+
+def test_stronger_image_flow_options_train_and_resume_from_the_checkpoint(prior, tmp_path):
+    """The encoder blocks, coupling blocks, attention and TarFlow options train (APS + forward KL: both directions
+    of every block), are saved with the flow, and on --resume come from the checkpoint, not the command line."""
+    from aps.config import TrainConfig
+    from aps.training import train
+
+    arch = dict(glow_enc_blocks=1, glow_blocks=1, glow_attention=1, glow_tarflow=2, glow_tarflow_width=8,
+                glow_tarflow_layers=1)
+    cfg = TrainConfig(prior=str(prior), operator="denoise", data="digits8", out=str(tmp_path / "run"), steps=2,
+                      batch_size=4, n_z=2, n_elbo=1, fkl_weight=1.0, warmup=1, log_every=1, checkpoint_every=1,
+                      sample_every=0, cpu=True, glow_levels=2, glow_steps=1, glow_hidden=8, glow_cond=8, **arch)
+    train(cfg)
+    flow = json.loads((tmp_path / "run" / "config.json").read_text())["flow"]
+    assert (flow["encoder_blocks"], flow["coupling_blocks"], flow["attention_levels"], flow["tarflow_blocks"]) == (1, 1, 1, 2)
+    reset_accelerate()
+    train(TrainConfig(**{**cfg.to_dict(), "resume": True, "steps": 3, "glow_tarflow": 0, "glow_blocks": 3}))
+    meta = json.loads((tmp_path / "run" / "config.json").read_text())
+    assert meta["step"] == 3 and meta["flow"] == flow
+    assert all(meta["train"][k] == v for k, v in arch.items())

@@ -28,6 +28,12 @@ the classifier operator the flow can end with a per-class template and spread (`
 the flow starts as the class's Gaussian and the couplings learn the rest; without it the first
 session's classifier flows collapsed to one image for every label (BENCHMARKS.md).
 
+Stronger variants, each off by default (a flow built at the defaults is the plain conditional Glow, its
+config and weights unchanged): `encoder_blocks` gives the encoder residual blocks at every scale and a
+top-down path; `coupling_blocks` residual blocks in every coupling network; `attention_levels` a
+self-attention layer in the couplings of the coarsest levels; `tarflow_blocks` conditional TarFlow blocks
+(aps.flows.tarflow) on the coarsest tokens before the Glow levels, in the sampling direction.
+
 Speed (the sampler draws thousands of x per y): y is encoded once and its maps are broadcast over
 the n samples of each measurement inside the couplings (`forward` does not repeat the context);
 the maps enter each coupling through a 1x1 conv, since a 3x3 over them would be most of the
@@ -45,8 +51,21 @@ from torch import nn
 from ..errors import ApsError
 from .base import ConditionalFlow, standard_normal_log_prob
 from .layers import ConditionalAffineCoupling, ConditionalPixelAffine, LUInvertibleConv1x1, Unconditional
+from .tarflow import ConditionalTarFlowBlock
 
 Y_KINDS = ("image", "small_image", "vector", "class")
+
+
+class ResidualBlock(nn.Module):
+    """h + conv3x3(ReLU(conv3x3(ReLU(h)))), channels kept: (B, C, h, w) -> (B, C, h, w)."""
+
+    def __init__(self, channels: int):
+        super().__init__()
+        self.net = nn.Sequential(nn.ReLU(), nn.Conv2d(channels, channels, 3, padding=1),
+                                 nn.ReLU(), nn.Conv2d(channels, channels, 3, padding=1))
+
+    def forward(self, h):
+        return h + self.net(h)
 
 
 class MeasurementEncoder(nn.Module):
@@ -56,6 +75,11 @@ class MeasurementEncoder(nn.Module):
     bilinearly, "vector" through a linear layer to one channel (a learned linear reconstruction),
     "class" through an embedding to one channel (a learned template); an optional extra feature
     image (e.g. A^T y) is concatenated. A 3x3 stem, then per level a stride-2 block, gives the maps.
+    With `blocks` > 0 every scale (the stem's full resolution and each level's) also runs that many
+    residual blocks, and a top-down path (as a feature pyramid network, Lin et al. 2017) adds each
+    coarser level's features, upsampled, to the finer ones: every map then sees the whole of y, as
+    SRFlow's encoder features do (Lugmayr et al. 2020), not only a window of a few convs. The
+    encoder runs once per y, so its size costs little per sample.
     With `class_template` ("class" only) one more item follows the maps: a learned image and
     log-scale of the class, (t, s), each (B, C, H, W), for the flow's last layer.
 
@@ -68,12 +92,13 @@ class MeasurementEncoder(nn.Module):
         n_classes: classes for "class".
         extra_channels: channels of the extra feature image (0: none).
         class_template: also give (t, s) per class (see above).
+        blocks: residual blocks per scale, with the top-down path (0: the plain pyramid).
     Shapes: y (B, *y_shape), extra (B, extra_channels, H, W) -> tuple of L tensors (B, cond_channels, H/2^l, W/2^l)
         [+ the pair (t, s)].
     """
 
     def __init__(self, event_shape, y_shape, y_kind, levels, cond_channels, n_classes, extra_channels,
-                 class_template: bool = False):
+                 class_template: bool = False, blocks: int = 0):
         super().__init__()
         c, h, w = event_shape
         if class_template:  # (t, s) per class for the flow's last layer (ConditionalPixelAffine), identity to start
@@ -102,6 +127,16 @@ class MeasurementEncoder(nn.Module):
             )
             for _ in range(levels)
         )
+        self.blocks = blocks
+        if blocks:
+            width = cond_channels
+            self.stem_blocks = nn.Sequential(*(ResidualBlock(width) for _ in range(blocks)))
+            self.level_blocks = nn.ModuleList(
+                nn.Sequential(*(ResidualBlock(width) for _ in range(blocks))) for _ in range(levels))
+            # top-down: level l's map = out_l(f_l + up(g_{l+1})), from the coarsest level to the finest
+            self.lateral = nn.ModuleList(nn.Conv2d(width, width, 1) for _ in range(levels - 1))
+            self.out = nn.ModuleList(
+                nn.Sequential(nn.ReLU(), nn.Conv2d(width, cond_channels, 3, padding=1)) for _ in range(levels))
 
     def forward(self, y: torch.Tensor, extra: torch.Tensor | None = None) -> tuple:
         b = y.shape[0]
@@ -118,9 +153,21 @@ class MeasurementEncoder(nn.Module):
             img = torch.cat([img, extra.reshape(b, -1, *self.size).to(img.dtype)], 1)
         h = self.stem(img)
         maps = []
-        for block in self.down:
-            h = block(h)
-            maps.append(h)
+        if not self.blocks:
+            for block in self.down:
+                h = block(h)
+                maps.append(h)
+        else:
+            h = self.stem_blocks(h)
+            for down, blocks in zip(self.down, self.level_blocks):
+                h = blocks(down(h))
+                maps.append(h)  # bottom-up f_l (B, cond, H/2^(l+1), W/2^(l+1))
+            g = maps[-1]
+            outs = [self.out[-1](g)]
+            for l in reversed(range(len(maps) - 1)):
+                g = maps[l] + self.lateral[l](F.interpolate(g, scale_factor=2.0, mode="nearest"))
+                outs.append(self.out[l](g))
+            maps = outs[::-1]
         if self.class_template:
             label = y.reshape(b).long()
             maps.append((self.template(label).view(b, *self.event_shape),
@@ -148,6 +195,15 @@ class ConditionalGlow(ConditionalFlow):
         class_template: y_kind "class" only: end the flow (sampling direction) with x = t_c + exp(s_c) * x',
             a learned image and log-scale per class (`ConditionalPixelAffine`); `init_class_template` starts
             them at the class's training-image mean and std.
+        encoder_blocks: residual blocks per scale of the measurement encoder, with its top-down path
+            (`MeasurementEncoder`; 0: the plain pyramid).
+        coupling_blocks: residual blocks in every coupling network (`ConditionalAffineCoupling`; 0: Glow's).
+        attention_levels: the couplings of this many coarsest levels end their network with a self-attention
+            layer over the level's positions (0: none).
+        tarflow_blocks: conditional TarFlow blocks (`ConditionalTarFlowBlock`, a causal transformer over the
+            (H/2^L) * (W/2^L) tokens of 2^L x 2^L patches) at the start of the sampling direction, before the
+            Glow levels; sampling runs them sequentially over those tokens (0: none).
+        tarflow_width, tarflow_layers: width and layers of each TarFlow block's transformer.
     Shapes: `sample(y, n)`: y (B, *y_shape) -> x (B, n, C, H, W), log_q (B, n); `log_prob(x, y)` -> (B,).
 
     Example:
@@ -170,6 +226,12 @@ class ConditionalGlow(ConditionalFlow):
         n_classes: int = 10,
         extra_channels: int = 0,
         class_template: bool = False,
+        encoder_blocks: int = 0,
+        coupling_blocks: int = 0,
+        attention_levels: int = 0,
+        tarflow_blocks: int = 0,
+        tarflow_width: int = 128,
+        tarflow_layers: int = 2,
     ):
         super().__init__()
         self.event_shape, self.y_shape = tuple(event_shape), tuple(y_shape)
@@ -177,24 +239,40 @@ class ConditionalGlow(ConditionalFlow):
             y_kind=y_kind, levels=levels, steps_per_level=steps_per_level, hidden_channels=hidden_channels,
             cond_channels=cond_channels, clamp=float(clamp), n_classes=n_classes, extra_channels=extra_channels,
         )
-        if class_template:  # recorded only when on, so configs of flows without it stay as they were
+        # options recorded only when not at their defaults, so configs of flows without them stay as they were
+        if class_template:
             self._args["class_template"] = True
+        for key, value in (("encoder_blocks", encoder_blocks), ("coupling_blocks", coupling_blocks),
+                           ("attention_levels", attention_levels)):
+            if value:
+                self._args[key] = value
+        if tarflow_blocks:
+            self._args.update(tarflow_blocks=tarflow_blocks, tarflow_width=tarflow_width, tarflow_layers=tarflow_layers)
         self._check_args()
         self.extra_channels = extra_channels
         self.backprojection: Callable | None = None
         self.encoder = MeasurementEncoder(
-            self.event_shape, self.y_shape, y_kind, levels, cond_channels, n_classes, extra_channels, class_template
+            self.event_shape, self.y_shape, y_kind, levels, cond_channels, n_classes, extra_channels, class_template,
+            encoder_blocks,
         )
         c = self.event_shape[0]
         # sampling order (z -> x): squeeze z to the coarsest level, then from coarse to fine the
         # level's steps (coupling, 1x1 conv, ActNorm: a Glow step read backwards) and an un-squeeze
         # (normflows' Squeeze.forward un-squeezes; Reverse makes it squeeze)
         flows = [Unconditional(nf.flows.Reverse(nf.flows.Squeeze())) for _ in range(levels)]
+        _, h, w = self.event_shape
+        # TarFlow blocks first: on the whole tensor at the coarsest resolution, tokens of 2^L x 2^L patches,
+        # so they also correlate the latents that finer levels factor out (a conditional, learned base)
+        coarse = (h // 2 ** levels, w // 2 ** levels)
+        flows += [ConditionalTarFlowBlock(c * 4 ** levels, cond_channels, coarse, tarflow_width, tarflow_layers, clamp,
+                                          levels - 1, reverse=bool(k % 2)) for k in range(tarflow_blocks)]
         for level in reversed(range(levels)):
             n = c * 2 ** (level + 2)
+            size = (h // 2 ** (level + 1), w // 2 ** (level + 1))
+            attention = size if level >= levels - attention_levels else None
             for _ in range(steps_per_level):
                 flows += [
-                    ConditionalAffineCoupling(n, cond_channels, hidden_channels, clamp, level),
+                    ConditionalAffineCoupling(n, cond_channels, hidden_channels, clamp, level, coupling_blocks, attention),
                     LUInvertibleConv1x1(n),
                     Unconditional(nf.flows.AffineConstFlow((n, 1, 1)), n),
                 ]
@@ -212,6 +290,14 @@ class ConditionalGlow(ConditionalFlow):
             raise ApsError(f"event_shape must be (C, H, W), got {ev}")
         if a["levels"] < 1 or a["steps_per_level"] < 1:
             raise ApsError("levels and steps_per_level must be >= 1")
+        if a.get("encoder_blocks", 0) < 0 or a.get("coupling_blocks", 0) < 0:
+            raise ApsError("encoder_blocks and coupling_blocks must be >= 0")
+        if a.get("tarflow_blocks", 0) < 0:
+            raise ApsError(f"tarflow_blocks must be >= 0, got {a['tarflow_blocks']}")
+        if a.get("tarflow_blocks") and (a["tarflow_width"] < 1 or a["tarflow_layers"] < 1):
+            raise ApsError("tarflow_width and tarflow_layers must be >= 1")
+        if not 0 <= a.get("attention_levels", 0) <= a["levels"]:
+            raise ApsError(f"attention_levels must be in 0 .. levels = {a['levels']}, got {a['attention_levels']}")
         _, h, w = ev
         f = 2 ** a["levels"]
         if h % f or w % f:

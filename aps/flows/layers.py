@@ -21,6 +21,8 @@ would cost ~1e-2 round-trip error and bf16 log-dets.
 """
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.nn.functional as F
 from normflows.flows import Flow
@@ -142,22 +144,30 @@ class ConditionalAffineCoupling(Flow):
         hidden_channels: width of the coupling network.
         clamp: bound on |s|.
         level: which item of the context tuple this layer reads.
+        blocks: 0: Glow's network (3x3, 1x1, 3x3 convs); B > 0: B residual blocks (3x3 and 1x1 conv each) instead
+            of the middle 1x1, a deeper network at the same width.
+        attention_size: (h, w) of this level to add a self-attention layer over its h * w positions after the
+            blocks (`SpatialSelfAttention`), so that the scale and shift of a pixel can depend on the whole
+            image at this level; None: none.
     Shapes: z (B, >= C, h, w) -> x (B, >= C, h, w), log_det (B,).
     """
 
-    def __init__(self, channels: int, cond_channels: int, hidden_channels: int, clamp: float, level: int):
+    def __init__(self, channels: int, cond_channels: int, hidden_channels: int, clamp: float, level: int,
+                 blocks: int = 0, attention_size: tuple | None = None):
         super().__init__()
         self.channels, self.half, self.clamp, self.level = channels, channels // 2, float(clamp), level
         # the measurement enters through a 1x1 conv added to the 3x3 conv of z_a: its features already
         # carry spatial context from the encoder, and a 3x3 over them would be most of the flow's compute
         self.in_z = nn.Conv2d(self.half, hidden_channels, 3, padding=1)
         self.in_c = nn.Conv2d(cond_channels, hidden_channels, 1, bias=False)
-        self.net = nn.Sequential(
-            nn.ReLU(),
-            nn.Conv2d(hidden_channels, hidden_channels, 1),
-            nn.ReLU(),
-            nn.Conv2d(hidden_channels, 2 * (channels - self.half), 3, padding=1),
-        )
+        out = nn.Conv2d(hidden_channels, 2 * (channels - self.half), 3, padding=1)
+        if not blocks and attention_size is None:
+            self.net = nn.Sequential(nn.ReLU(), nn.Conv2d(hidden_channels, hidden_channels, 1), nn.ReLU(), out)
+        else:
+            middle = [ResidualConvBlock(hidden_channels) for _ in range(blocks)]
+            if attention_size is not None:
+                middle.append(SpatialSelfAttention(hidden_channels, attention_size))
+            self.net = nn.Sequential(*middle, nn.ReLU(), out)
         nn.init.zeros_(self.net[-1].weight)
         nn.init.zeros_(self.net[-1].bias)
 
@@ -187,6 +197,49 @@ class ConditionalAffineCoupling(Flow):
         s, t = self._scale_shift(x_a, context)
         z_b = (x_b - t) * (-s).exp()
         return torch.cat([x_a, z_b, x[:, n:]], 1), -s.flatten(1).sum(1)
+
+
+class ResidualConvBlock(nn.Module):
+    """h + conv1x1(ReLU(conv3x3(ReLU(h)))): (B, C, h, w) -> (B, C, h, w)."""
+
+    def __init__(self, channels: int):
+        super().__init__()
+        self.net = nn.Sequential(nn.ReLU(), nn.Conv2d(channels, channels, 3, padding=1),
+                                 nn.ReLU(), nn.Conv2d(channels, channels, 1))
+
+    def forward(self, h):
+        return h + self.net(h)
+
+
+class SpatialSelfAttention(nn.Module):
+    """h + MHA(LN(h + pos)) over the h * w positions of a feature map, then h + MLP(LN(h)) (a pre-LN transformer layer).
+
+    A coupling network's view is otherwise a few convs wide; at the coarse levels (4x4, 8x8 of a 32x32
+    image: 16 or 64 positions) attention over all positions is cheap. Heads: gcd(C, 4).
+
+    Args:
+        channels: C.
+        size: (h, w), for the learned position embedding.
+    Shapes: (B, C, h, w) -> (B, C, h, w).
+    """
+
+    def __init__(self, channels: int, size: tuple):
+        super().__init__()
+        self.heads = math.gcd(channels, 4)
+        self.pos = nn.Parameter(torch.zeros(size[0] * size[1], channels))
+        self.norm1, self.norm2 = nn.LayerNorm(channels), nn.LayerNorm(channels)
+        self.qkv = nn.Linear(channels, 3 * channels)
+        self.proj = nn.Linear(channels, channels)
+        self.mlp = nn.Sequential(nn.Linear(channels, 2 * channels), nn.GELU(), nn.Linear(2 * channels, channels))
+
+    def forward(self, h):
+        b, c, hh, ww = h.shape
+        t = h.flatten(2).transpose(1, 2)  # (B, T, C), T = h * w
+        q, k, v = self.qkv(self.norm1(t + self.pos)).unflatten(2, (3, self.heads, -1)).permute(2, 0, 3, 1, 4)
+        a = F.scaled_dot_product_attention(q, k, v)  # (B, heads, T, C / heads)
+        t = t + self.proj(a.transpose(1, 2).flatten(2))
+        t = t + self.mlp(self.norm2(t))
+        return t.transpose(1, 2).reshape(b, c, hh, ww)
 
 
 class ConditionalPixelAffine(Flow):

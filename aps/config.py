@@ -90,6 +90,9 @@ class TrainConfig:
                              "ending the run: --resume continues it, and the LR decay and tempering keep following "
                              "--steps / --max-seconds, counted over all sessions (0 = off)", "run")
     resume: bool = option(False, "continue the run in --out from its latest training state", "run")
+    overwrite: bool = option(False, "start a new run in --out even if it holds one (deletes that run's files)", "run")
+    nonfinite: str = option("stop", "a NaN or inf loss term or gradient: stop (error; the saved states are kept) or "
+                            "skip that step (stopping after 10 in a row)", "run", ("stop", "skip"))
     init_from: str = option("", "start a new run from the weights of this checkpoint folder (same task and architecture; "
                           "fresh optimizer and schedule), e.g. to train a shipped flow longer", "run")
     dry_run: bool = option(False, "print the resolved config and exit", "run")
@@ -140,6 +143,8 @@ class TrainConfig:
             raise ApsError("--fkl-weight, --aps-weight and --grad-clip must be >= 0 and --flow-tail-bound > 0")
         if self.fkl_weight == 0 and self.aps_weight == 0:
             raise ApsError("--aps-weight and --fkl-weight are both 0: nothing to train")
+        if self.overwrite and self.resume:
+            raise ApsError("--overwrite starts a new run and --resume continues one: give one of them")
         if self.init_from and self.resume:
             raise ApsError("--init-from starts a new run and --resume continues one: give one of them")
         if self.max_seconds < 0 or self.stop_after < 0:

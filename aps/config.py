@@ -66,6 +66,15 @@ class TrainConfig:
     likelihood_weight: float = option(1.0, "guidance scale w: the APS term targets p(x) p(y|x)^w (1 = the posterior; "
                                       "> 1 sharpens it, for a weak likelihood such as a class label)", "objective")
     aps_weight: float = option(1.0, "weight of the APS (reverse-KL) term; 0 trains by forward KL alone (a reference)", "objective")
+    aps_weight_start: float = option(-1.0, "ramp the APS weight: start at this weight and rise to --aps-weight over "
+                                     "--aps-ramp-frac of training (geometrically if > 0, linearly from 0; < 0 = no ramp)",
+                                     "objective")
+    aps_ramp_frac: float = option(0.5, "fraction of training over which the APS weight ramp reaches --aps-weight", "objective")
+    elbo_strata: str = option("item", "ELBO time draws stratified over each x's n_elbo draws (item) or over the whole "
+                              "batch (batch: one rotated lattice of times, VDM's low-discrepancy sampler)", "objective",
+                              ("item", "batch"))
+    elbo_antithetic: bool = option(False, "antithetic ELBO noise: draws in pairs (t, eps) and (t, -eps); needs an even --n-elbo",
+                                   "objective")
     # -- optimisation
     steps: int = option(4000, "optimizer steps", "optimisation")
     batch_size: int = option(256, "measurements y per step (per process)", "optimisation")
@@ -95,6 +104,8 @@ class TrainConfig:
                             "skip that step (stopping after 10 in a row)", "run", ("stop", "skip"))
     init_from: str = option("", "start a new run from the weights of this checkpoint folder (same task and architecture; "
                           "fresh optimizer and schedule), e.g. to train a shipped flow longer", "run")
+    cuda_graph: bool = option(False, "capture the training step once as a CUDA graph and replay it (one GPU process, "
+                              "--grad-accum 1): the step is launch-bound, a replay launches it all at once", "run")
     dry_run: bool = option(False, "print the resolved config and exit", "run")
 
     TASK_FIELDS = ("problem", "mcgdiff", "prior", "operator", "op_arg", "data")
@@ -125,7 +136,7 @@ class TrainConfig:
         for name in positive:
             if getattr(self, name) < 1:
                 raise ApsError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(self, name)}")
-        if not self.lr > 0:
+        if not 0 < self.lr < float("inf"):
             raise ApsError(f"--lr must be positive, got {self.lr}")
         if not 0 < self.temper_start <= 1:
             raise ApsError(f"--temper-start must be in (0, 1], got {self.temper_start}")
@@ -141,6 +152,16 @@ class TrainConfig:
             raise ApsError(f"--likelihood-weight must be positive, got {self.likelihood_weight}")
         if self.fkl_weight < 0 or self.aps_weight < 0 or self.flow_tail_bound <= 0 or self.grad_clip < 0:
             raise ApsError("--fkl-weight, --aps-weight and --grad-clip must be >= 0 and --flow-tail-bound > 0")
+        if not 0 < self.aps_ramp_frac <= 1:
+            raise ApsError(f"--aps-ramp-frac must be in (0, 1], got {self.aps_ramp_frac}")
+        if self.aps_weight_start >= 0 and self.aps_weight == 0:
+            raise ApsError("--aps-weight-start ramps the APS weight up to --aps-weight, which is 0")
+        if self.elbo_antithetic and self.n_elbo % 2:
+            raise ApsError(f"--elbo-antithetic draws (t, eps) in pairs: --n-elbo must be even, got {self.n_elbo}")
+        if self.cuda_graph and self.nonfinite == "skip":
+            raise ApsError("--cuda-graph steps cannot be skipped: use --nonfinite stop with it")
+        if self.cuda_graph and self.grad_accum != 1:
+            raise ApsError("--cuda-graph captures one whole optimizer step: use --grad-accum 1")
         if self.fkl_weight == 0 and self.aps_weight == 0:
             raise ApsError("--aps-weight and --fkl-weight are both 0: nothing to train")
         if self.overwrite and self.resume:
@@ -174,6 +195,16 @@ class TrainConfig:
         """Tempering at a fraction `progress` of training: beta_0^(1 - s), s = progress / temper_frac capped at 1."""
         s = min(1.0, progress / self.temper_frac)
         return self.temper_start ** (1.0 - s)
+
+    def aps_weight_at(self, progress: float) -> float:
+        """The APS term's weight at a fraction `progress` of training: --aps-weight, or its ramp from
+        --aps-weight-start (geometric from a positive start, linear from 0) reached at --aps-ramp-frac."""
+        if self.aps_weight_start < 0:
+            return self.aps_weight
+        s = min(1.0, progress / self.aps_ramp_frac)
+        if self.aps_weight_start == 0:
+            return s * self.aps_weight
+        return self.aps_weight_start ** (1.0 - s) * self.aps_weight ** s
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)

@@ -23,7 +23,8 @@ import torch
 
 
 def aps_terms(flow, prior, operator, y, n_z: int = 1, n_elbo: int = 1, elbo_sampling: str = "lambda",
-              exact_prior: bool = False, generator: torch.Generator | None = None) -> dict:
+              exact_prior: bool = False, generator: torch.Generator | None = None, elbo_strata: str = "item",
+              elbo_antithetic: bool = False) -> dict:
     """Per-sample terms of the APS loss for measurements y (B, *y_shape), each of shape (B, n) with n = n_z
     (or K * ceil(n_z / K) stratified draws for a K-component mixture base).
 
@@ -43,7 +44,8 @@ def aps_terms(flow, prior, operator, y, n_z: int = 1, n_elbo: int = 1, elbo_samp
     if exact_prior:
         prior_term = -prior.log_prob(x_flat)
     else:
-        prior_term = prior.elbo(x_flat, n_draws=n_elbo, sampling=elbo_sampling, generator=generator)
+        prior_term = prior.elbo(x_flat, n_draws=n_elbo, sampling=elbo_sampling, generator=generator,
+                                strata=elbo_strata, antithetic=elbo_antithetic)
     return {"x": x, "nll": nll.reshape(b, n_z), "prior": prior_term.reshape(b, n_z), "log_q": log_q,
             "weight": weight}
 

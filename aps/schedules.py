@@ -21,10 +21,24 @@ import math
 import torch
 
 SAMPLINGS = ("lambda", "uniform")
+STRATA = ("item", "batch")
 
 
-def _stratified_uniform(batch: int, n_draws: int, generator, device) -> torch.Tensor:
-    """(batch * n_draws,) uniforms in [0, 1), stratified over the n_draws of each item (VDM's low-discrepancy trick)."""
+def _stratified_uniform(batch: int, n_draws: int, generator, device, strata: str = "item") -> torch.Tensor:
+    """(batch * n_draws,) uniforms in [0, 1), each marginally U[0, 1).
+
+    strata="item": stratified over the n_draws of each item (one uniform in each of n_draws equal bins).
+    strata="batch": one rotated lattice over all N = batch * n_draws draws, u = (u_0 + k / N) mod 1
+    (VDM's low-discrepancy sampler, Kingma et al. 2021), draw j of item i at k = i + batch * j: the batch
+    covers [0, 1) evenly, so the batch mean's variance falls even with one draw per item, and each
+    item's draws are 1/n_draws apart.
+    """
+    if strata == "batch":
+        k = torch.arange(batch, device=device)[:, None] + batch * torch.arange(n_draws, device=device)
+        u0 = torch.rand(1, generator=generator, device=device)
+        return torch.remainder(u0 + k.reshape(-1) / (batch * n_draws), 1.0)
+    if strata != "item":
+        raise ValueError(f"unknown ELBO strata {strata!r}; choose from {STRATA}")
     u = torch.rand(batch, n_draws, generator=generator, device=device)
     offsets = torch.arange(n_draws, device=device) / n_draws
     return (offsets + u / n_draws).reshape(-1)
@@ -47,8 +61,9 @@ class Schedule:
         return torch.sigmoid(lam).sqrt(), torch.sigmoid(-lam).sqrt()
 
     def sample_elbo_times(self, batch: int, n_draws: int = 1, sampling: str = "lambda",
-                          generator: torch.Generator | None = None, device=None):
-        """(t, w), each (batch * n_draws,): E[w * f(t)] is the diffusion term's integral (or sum) of f."""
+                          generator: torch.Generator | None = None, device=None, strata: str = "item"):
+        """(t, w), each (batch * n_draws,): E[w * f(t)] is the diffusion term's integral (or sum) of f;
+        `strata` says how the draws are spread (see `_stratified_uniform`)."""
         raise NotImplementedError
 
     def config(self) -> dict:
@@ -102,8 +117,8 @@ class ContinuousSchedule(Schedule):
         db = self.beta_max - self.beta_min
         return (-self.beta_min + torch.sqrt(self.beta_min ** 2 + 2.0 * db * b)) / db
 
-    def sample_elbo_times(self, batch, n_draws=1, sampling="lambda", generator=None, device=None):
-        u = _stratified_uniform(batch, n_draws, generator, device)
+    def sample_elbo_times(self, batch, n_draws=1, sampling="lambda", generator=None, device=None, strata="item"):
+        u = _stratified_uniform(batch, n_draws, generator, device, strata)
         if sampling == "lambda":
             lam = self.lambda_min + u * (self.lambda_max - self.lambda_min)
             t = self._t_of_lambda(lam)
@@ -138,6 +153,8 @@ class DiscreteSchedule(Schedule):
         self._w = torch.cat([torch.zeros(1, dtype=torch.float64), snr[:-1] / snr[1:] - 1.0])
         self.lambda_max, self.lambda_min = float(self._lam[0]), float(self._lam[-1])
         self.t_data, self.t_noise = 0.0, float(len(abar) - 1)
+        self._w_sum = float(self._w.sum())
+        self._device_tables: dict = {}
 
     @classmethod
     def from_diffusers(cls, scheduler) -> "DiscreteSchedule":
@@ -148,9 +165,18 @@ class DiscreteSchedule(Schedule):
     def num_timesteps(self) -> int:
         return len(self.alphas_cumprod)
 
+    def _on(self, name: str, device) -> torch.Tensor:
+        """A table (_lam, _w) on `device`, copied there once: a host-to-device copy on every call would be
+        a sync of its own, and cannot be captured in a CUDA graph."""
+        device = torch.device(device if device is not None else "cpu")
+        key = (name, str(device))
+        if key not in self._device_tables:
+            self._device_tables[key] = getattr(self, name).to(device)
+        return self._device_tables[key]
+
     def log_snr(self, t):
         # Linear interpolation in log-SNR between integer timesteps (used by EDM-style conversions).
-        lam = self._lam.to(device=t.device)
+        lam = self._on("_lam", t.device)
         t64 = t.to(torch.float64).clamp(0, self.num_timesteps - 1)
         lo = t64.floor().long()
         hi = (lo + 1).clamp(max=self.num_timesteps - 1)
@@ -158,14 +184,18 @@ class DiscreteSchedule(Schedule):
         out = lam[lo] * (1 - frac) + lam[hi] * frac
         return out.to(t.dtype if t.is_floating_point() else torch.get_default_dtype())
 
-    def sample_elbo_times(self, batch, n_draws=1, sampling="lambda", generator=None, device=None):
-        w = self._w.to(device)
+    def sample_elbo_times(self, batch, n_draws=1, sampling="lambda", generator=None, device=None, strata="item"):
+        w = self._on("_w", device)
         if sampling == "lambda":
             # Importance sampling k ~ w_k / sum(w): the weight becomes the constant sum(w).
-            u = _stratified_uniform(batch, n_draws, generator, device).to(torch.float64)
-            cdf = torch.cumsum(w, 0) / w.sum()
+            u = _stratified_uniform(batch, n_draws, generator, device, strata).to(torch.float64)
+            cdf = torch.cumsum(w, 0) / self._w_sum
             k = torch.searchsorted(cdf, u, right=True).clamp(1, self.num_timesteps - 1)
-            weight = torch.full(k.shape, float(w.sum()), dtype=torch.float64, device=device)
+            weight = torch.full(k.shape, self._w_sum, dtype=torch.float64, device=device)
+        elif sampling == "uniform" and strata == "batch":
+            u = _stratified_uniform(batch, n_draws, generator, device, strata)
+            k = (1 + (u * (self.num_timesteps - 1)).long()).clamp(max=self.num_timesteps - 1)
+            weight = (self.num_timesteps - 1) * w[k]
         elif sampling == "uniform":
             k = torch.randint(1, self.num_timesteps, (batch * n_draws,), generator=generator, device=device)
             weight = (self.num_timesteps - 1) * w[k]

@@ -114,7 +114,9 @@ def join_state(tensors: dict, rest: dict) -> dict:
 def optimizer_state(opt) -> tuple[dict, dict]:
     state = opt.state_dict()
     tensors, rest = split_state(state["state"], "state.")
-    return tensors, {"state": rest, "param_groups": state["param_groups"]}
+    # a CUDA-graphed AdamW keeps its learning rate as a device tensor: saved as the number it holds
+    groups = [{k: v.item() if isinstance(v, torch.Tensor) else v for k, v in g.items()} for g in state["param_groups"]]
+    return tensors, {"state": rest, "param_groups": groups}
 
 
 def load_optimizer_state(opt, tensors: dict, meta: dict) -> None:

@@ -22,6 +22,7 @@ from . import objective
 from .checkpoint import CONFIG, build_flow, load_flow, read_config, save_checkpoint
 from .config import TrainConfig
 from .errors import ApsError
+from .graph_step import GraphedStep
 from .problems import load_problem
 from .run_folder import RunLock, check_new_run, clear_run
 from .train_state import load_optimizer_state, newest_state, remove_temporary, rng_state, set_rng_state, write_state
@@ -40,13 +41,17 @@ class APSModel(nn.Module):
         super().__init__()
         self.flow = flow
 
-    def forward(self, y, prior, operator, cfg: TrainConfig, beta: float, x_pairs=None):
+    def forward(self, y, prior, operator, cfg: TrainConfig, beta, x_pairs=None, aps_weight=None):
+        """The loss and its terms for measurements y; beta and aps_weight (default cfg.aps_weight) may be
+        floats or 0-d tensors (a CUDA graph replays with new values in the same tensors)."""
         loss, out = 0.0, {}
+        aps_weight = cfg.aps_weight if aps_weight is None else aps_weight
         if cfg.aps_weight > 0:
             terms = objective.aps_terms(self.flow, prior, operator, y, n_z=cfg.n_z, n_elbo=cfg.n_elbo,
-                                        elbo_sampling=cfg.elbo_sampling, exact_prior=cfg.exact_prior)
+                                        elbo_sampling=cfg.elbo_sampling, exact_prior=cfg.exact_prior,
+                                        elbo_strata=cfg.elbo_strata, elbo_antithetic=cfg.elbo_antithetic)
             weight = terms["weight"]  # (B, n): E_z as a weighted mean (stratified for a mixture base)
-            loss = cfg.aps_weight * objective.expectation(objective.aps_loss(terms, beta, cfg.likelihood_weight), weight).mean()
+            loss = aps_weight * objective.expectation(objective.aps_loss(terms, beta, cfg.likelihood_weight), weight).mean()
             out = {k: objective.expectation(terms[k], weight).detach().mean() for k in ("nll", "prior", "log_q")}
         if cfg.fkl_weight > 0 and x_pairs is not None:
             fkl = objective.forward_kl(self.flow, x_pairs, y).mean()
@@ -156,7 +161,8 @@ class EMA(nn.Module):
 MAX_SKIPS = 10  # --nonfinite skip: this many non-finite steps in a row stop the run
 
 
-def training_step(accelerator, model, opt, task, cfg: TrainConfig, beta: float, lr: float) -> tuple[dict, str | None]:
+def training_step(accelerator, model, opt, task, cfg: TrainConfig, beta: float, lr: float,
+                  aps_weight: float | None = None) -> tuple[dict, str | None]:
     """One optimizer step over cfg.grad_accum micro-batches of fresh measurements.
 
     x ~ the task's clean data, y = A(x) + sigma_y n, the loss of `APSModel` at tempering beta; the LR is set
@@ -169,7 +175,7 @@ def training_step(accelerator, model, opt, task, cfg: TrainConfig, beta: float, 
         with accelerator.accumulate(model):
             x0 = task.sample_x(cfg.batch_size)  # (B, *event_shape)
             y = task.operator.measure(x0)  # (B, *y_shape)
-            terms = model(y, task.prior, task.operator, cfg, beta, x_pairs=x0)
+            terms = model(y, task.prior, task.operator, cfg, beta, x_pairs=x0, aps_weight=aps_weight)
             accelerator.backward(terms["loss"])
             if accelerator.sync_gradients:
                 # max_norm inf leaves the gradient as it is and gives its norm (NaN/inf if any entry is)
@@ -309,6 +315,9 @@ def _train(cfg: TrainConfig, accelerator, lock: RunLock, callback) -> Path:
     if ema is not None:
         ema.to(accelerator.device)
 
+    # after any load_state: it puts the optimizer's step counts and learning rate on the device
+    graphed = GraphedStep(accelerator, model, opt, task, cfg) if cfg.cuda_graph else None
+
     def shipped_flow():
         return ema.module if ema is not None else accelerator.unwrap_model(model).flow
 
@@ -358,8 +367,12 @@ def _train(cfg: TrainConfig, accelerator, lock: RunLock, callback) -> Path:
         progress = step / cfg.steps
         if cfg.max_seconds > 0:
             progress = max(progress, now / cfg.max_seconds)
-        beta = cfg.beta_at(progress)
-        terms, problem = training_step(accelerator, model, opt, task, cfg, beta, cfg.lr * lr_factor(cfg, step, progress))
+        beta, lr, aps_weight = cfg.beta_at(progress), cfg.lr * lr_factor(cfg, step, progress), cfg.aps_weight_at(progress)
+        if graphed is not None:
+            # a replayed graph has stepped already: its loss is checked where it is read (logs, saves)
+            terms, problem = graphed(beta, lr, aps_weight), None
+        else:
+            terms, problem = training_step(accelerator, model, opt, task, cfg, beta, lr, aps_weight)
         if problem is not None:
             skipped += 1
             if cfg.nonfinite == "stop" or skipped >= MAX_SKIPS:
@@ -376,7 +389,10 @@ def _train(cfg: TrainConfig, accelerator, lock: RunLock, callback) -> Path:
             callback(accelerator, model, done)
         if (step + 1) % cfg.log_every == 0 or step + 1 == cfg.steps:
             logs = {k: accelerator.reduce(v.detach().float(), "mean").item() for k, v in terms.items()}
-            logs.update(beta=beta, lr=opt.param_groups[0]["lr"])
+            logs.update(beta=beta, lr=lr, aps_weight=aps_weight)
+            if graphed is not None and not math.isfinite(logs["loss"]):  # graph replays are not checked one by one
+                raise ApsError(f"step {step + 1}: the loss is not finite; the run stopped, nothing saved "
+                               f"({_kept(out, last_saved)}); lower --lr")
             accelerator.log(logs, step=step + 1)
             bar.set_postfix(loss=f"{logs['loss']:.3f}", beta=f"{beta:.3f}")
         if cfg.sample_every and (step + 1) % cfg.sample_every == 0 and accelerator.is_main_process:

@@ -104,3 +104,16 @@ def test_gradients_reach_the_flow_through_the_frozen_prior_and_not_the_prior():
     x = torch.randn(4, 2, requires_grad=True)
     prior.elbo(x, n_draws=4).sum().backward()
     assert x.grad is not None and x.grad.abs().sum() > 0
+
+
+def test_aps_weight_ramp():
+    """--aps-weight-start ramps the APS weight to --aps-weight: geometric from a positive start, linear from 0."""
+    from aps.config import TrainConfig
+
+    cfg = TrainConfig(mcgdiff="2,1,0", aps_weight=0.1, aps_weight_start=0.001, aps_ramp_frac=0.5).validate()
+    assert cfg.aps_weight_at(0.0) == pytest.approx(0.001)
+    assert cfg.aps_weight_at(0.25) == pytest.approx(0.01)
+    assert cfg.aps_weight_at(0.5) == pytest.approx(0.1) and cfg.aps_weight_at(0.9) == pytest.approx(0.1)
+    lin = TrainConfig(mcgdiff="2,1,0", aps_weight=1.0, aps_weight_start=0.0, aps_ramp_frac=0.5)
+    assert lin.aps_weight_at(0.25) == pytest.approx(0.5)
+    assert TrainConfig(mcgdiff="2,1,0", aps_weight=0.3).aps_weight_at(0.1) == 0.3

@@ -54,3 +54,16 @@ def test_schedule_config_round_trip():
         s2 = schedule_from_config(s.config())
         t = torch.tensor([s.t_data, 0.5 * (s.t_data + s.t_noise), s.t_noise])
         assert torch.allclose(s.log_snr(t), s2.log_snr(t))
+
+
+def test_batch_strata_are_a_rotated_lattice():
+    """strata='batch': N draws sit one in each bin of width 1/N, and each is uniform on [0, 1) marginally."""
+    from aps.schedules import _stratified_uniform
+
+    g = torch.Generator().manual_seed(0)
+    u = _stratified_uniform(16, 2, g, None, "batch")
+    assert torch.equal(torch.sort((u * 32).floor()).values, torch.arange(32.0))
+    first = torch.stack([_stratified_uniform(4, 1, g, None, "batch")[0] for _ in range(4000)])
+    assert first.mean() == pytest.approx(0.5, abs=0.02) and first.var() == pytest.approx(1 / 12, abs=0.01)
+    with pytest.raises(ValueError):
+        _stratified_uniform(4, 1, g, None, "nope")

@@ -62,7 +62,9 @@ class Operator(nn.Module):
         if v.ndim != len(shape) + 1 or tuple(v.shape[1:]) != tuple(shape):
             raise ApsError(f"{self.name}: {what} must have shape (batch, {', '.join(map(str, shape))}), "
                            f"got {tuple(v.shape)}")
-        if not torch.isfinite(v).all():
+        # The finite test reads the device (a sync); a CUDA graph being captured cannot, so it is skipped there.
+        capturing = v.is_cuda and torch.cuda.is_current_stream_capturing()
+        if not capturing and not torch.isfinite(v).all():
             raise ApsError(f"{self.name}: {what} contains NaN or inf")
         return v
 

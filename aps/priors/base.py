@@ -42,7 +42,7 @@ class Prior(nn.Module):
         return -self.eps(x_t, t) / _expand(sigma, x_t)
 
     def elbo(self, x: torch.Tensor, n_draws: int = 1, sampling: str = "lambda",
-             generator: torch.Generator | None = None) -> torch.Tensor:
+             generator: torch.Generator | None = None, strata: str = "item", antithetic: bool = False) -> torch.Tensor:
         """Per-sample variational bound L(x) >= -log p_theta(x), in nats, shape (B,).
 
         L(x) = 1/2 E_{t,eps}[w(t) ||eps - eps_theta(x_t, t)||^2]       (diffusion term, DESIGN.md)
@@ -50,13 +50,25 @@ class Prior(nn.Module):
                + d/2 log(2 pi e sigma_0^2 / alpha_0^2)                  (Gaussian decoder, a constant)
         (Kingma et al. 2021, VDM.) With the exact eps and a wide log-SNR range it is tight.
         Gradients flow into x; the prior's weights are frozen by whoever owns them.
+
+        strata: how the times are spread ("item": over each x's draws; "batch": over the whole batch).
+        antithetic: draws in pairs (t, eps), (t, -eps) (n_draws even): the error's part odd in eps cancels
+        within a pair, an unbiased estimate with less variance.
         """
         batch = x.shape[0]
         d = x[0].numel()
         x_rep = x.repeat_interleave(n_draws, dim=0)  # (B * n, *event_shape)
-        t, w = self.schedule.sample_elbo_times(batch, n_draws, sampling, generator, x.device)
+        if antithetic:
+            if n_draws % 2:
+                raise ValueError(f"antithetic ELBO draws come in pairs: n_draws must be even, got {n_draws}")
+            t, w = self.schedule.sample_elbo_times(batch, n_draws // 2, sampling, generator, x.device, strata)
+            t, w = t.repeat_interleave(2), w.repeat_interleave(2)
+            half = torch.randn((batch * n_draws // 2, *x.shape[1:]), generator=generator, device=x.device, dtype=x.dtype)
+            eps = torch.stack([half, -half], 1).flatten(0, 1)  # rows 2j, 2j + 1: eps_j, -eps_j
+        else:
+            t, w = self.schedule.sample_elbo_times(batch, n_draws, sampling, generator, x.device, strata)
+            eps = torch.randn(x_rep.shape, generator=generator, device=x.device, dtype=x.dtype)
         alpha, sigma = self.schedule.alpha_sigma(t)
-        eps = torch.randn(x_rep.shape, generator=generator, device=x.device, dtype=x.dtype)
         x_t = _expand(alpha, x_rep) * x_rep + _expand(sigma, x_rep) * eps
         err = (eps - self.eps(x_t, t)).pow(2).flatten(1).sum(1)  # (B * n,)
         diffusion = 0.5 * (w.to(err.dtype) * err).reshape(batch, n_draws).mean(1)

@@ -82,6 +82,8 @@ def read_config(folder: str | Path) -> dict:
         raise ApsError(f"{folder} is not an aps checkpoint: no {CONFIG}")
     try:
         meta = json.loads(path.read_text())
+    except UnicodeDecodeError:
+        raise ApsError(f"{path} is not a text (JSON) file") from None
     except json.JSONDecodeError as err:
         raise ApsError(f"{path} is not valid JSON: {err}") from None
     if not isinstance(meta, dict) or meta.get("format") != FORMAT:

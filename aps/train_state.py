@@ -124,7 +124,8 @@ def load_optimizer_state(opt, tensors: dict, meta: dict) -> None:
     for saved, current in zip(meta["param_groups"], opt.param_groups):
         # JSON has no tuples: give back the type the optimizer uses (AdamW's betas)
         groups.append({k: tuple(v) if isinstance(current.get(k), tuple) else v for k, v in saved.items()})
-    opt.load_state_dict({"state": join_state(tensors, meta["state"]), "param_groups": groups})
+    state = {int(k): v for k, v in join_state(tensors, meta["state"]).items()}  # parameter indices (JSON keys are text)
+    opt.load_state_dict({"state": state, "param_groups": groups})
 
 
 # -- one state folder ------------------------------------------------------------------------------

@@ -175,7 +175,15 @@ def training_step(accelerator, model, opt, task, cfg: TrainConfig, beta: float, 
         with accelerator.accumulate(model):
             x0 = task.sample_x(cfg.batch_size)  # (B, *event_shape)
             y = task.operator.measure(x0)  # (B, *y_shape)
-            terms = model(y, task.prior, task.operator, cfg, beta, x_pairs=x0, aps_weight=aps_weight)
+            try:
+                terms = model(y, task.prior, task.operator, cfg, beta, x_pairs=x0, aps_weight=aps_weight)
+            except AssertionError:  # normflows' spline inverse asserts on NaN inputs or runaway weights
+                flow = accelerator.unwrap_model(model).flow
+                opt.zero_grad(set_to_none=True)
+                if any(_nonfinite_kind(t) for t in (x0, y, *flow.parameters())):
+                    return {}, describe_nonfinite({}, x0, y, flow)
+                largest = max(float(p.detach().abs().max()) for p in flow.parameters())
+                return {}, f"not finite: the flow's spline inverse (its weights reach |w| = {largest:.3g})"
             accelerator.backward(terms["loss"])
             if accelerator.sync_gradients:
                 # max_norm inf leaves the gradient as it is and gives its norm (NaN/inf if any entry is)
@@ -325,7 +333,7 @@ def _train(cfg: TrainConfig, accelerator, lock: RunLock, callback) -> Path:
     if cfg.resume:
         start, seconds_before = _load_state(accelerator, out, accelerator.unwrap_model(model).flow, ema, opt)
         if accelerator.is_main_process and read_config(out).get("step") != start:
-            # killed between the training state and the flow: the flow follows the state
+            # killed between the flow and its training state: the flow goes back to the state
             save_checkpoint(out, shipped_flow(), task.config(), cfg.to_dict(), start, seconds=seconds_before)
     accelerator.init_trackers("aps", config={k: v for k, v in cfg.to_dict().items() if isinstance(v, (int, float, str))
                                              and not isinstance(v, bool)})
@@ -342,10 +350,12 @@ def _train(cfg: TrainConfig, accelerator, lock: RunLock, callback) -> Path:
         def write():
             if last_saved is None:
                 task.save(out)  # the files the task refers to (the mixture problem), with the first save
+            # the flow first: a kill before the state is complete leaves the previous state, which --resume
+            # takes (and writes the flow of) again
+            save_checkpoint(out, shipped_flow(), task.config(), cfg.to_dict(), step, seconds=seconds)
             extra = {"seconds": seconds, "scaler": accelerator.scaler.state_dict() if accelerator.scaler else None}
             write_state(out, step, {"model": accelerator.unwrap_model(model).flow, "ema": ema}, opt, rngs, extra,
                         cfg.keep)
-            save_checkpoint(out, shipped_flow(), task.config(), cfg.to_dict(), step, seconds=seconds)
 
         _on_main(accelerator, write)
         accelerator.wait_for_everyone()
@@ -387,7 +397,7 @@ def _train(cfg: TrainConfig, accelerator, lock: RunLock, callback) -> Path:
         done = step + 1
         if callback is not None:
             callback(accelerator, model, done)
-        if (step + 1) % cfg.log_every == 0 or step + 1 == cfg.steps:
+        if problem is None and ((step + 1) % cfg.log_every == 0 or step + 1 == cfg.steps):
             logs = {k: accelerator.reduce(v.detach().float(), "mean").item() for k, v in terms.items()}
             logs.update(beta=beta, lr=lr, aps_weight=aps_weight)
             if graphed is not None and not math.isfinite(logs["loss"]):  # graph replays are not checked one by one

@@ -94,7 +94,7 @@ def test_resume_continues_the_same_run(trained, tmp_path):
     after = load_file(trained / "flow.safetensors")
     assert any(not torch.equal(before[k], after[k]) for k in before)
     kept = sorted(p.name for p in (trained / "checkpoints").iterdir())
-    assert kept == ["checkpoint_0", "checkpoint_1"]  # saved at steps 2 and 4; --keep 2
+    assert kept == ["step_0000002", "step_0000004"]  # saved at steps 2 and 4; --keep 2
     proc = run("train.py", "--out", trained, "--resume", "--operator", "denoise", "--cpu")
     assert_one_line_error(proc, "train.py", "--operator 'sr'")
 

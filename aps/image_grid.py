@@ -48,14 +48,17 @@ def _label_tile(label: int, c: int, h: int, w: int) -> torch.Tensor:
     return t.expand(c, h, w).clone()
 
 
-def posterior_grid(operator, y, samples, x_true=None, n_show: int = 6, pad: int = 1) -> np.ndarray:
+def posterior_grid(operator, y, samples, x_true=None, n_show: int = 6, pad: int = 1, mean=None, std=None) -> np.ndarray:
     """uint8 grid (rows = measurements): [measurement | n_show samples | mean | std | truth].
 
-    y (B, *y_shape), samples (B, n, C, H, W) in [-1, 1], x_true (B, C, H, W) or None.
+    y (B, *y_shape), samples (B, n, C, H, W) in [-1, 1], x_true (B, C, H, W) or None; mean and std (B, C, H, W)
+    of all the samples when `samples` holds only the first few (default: those of `samples`).
     Returns (rows, cols) for one channel, (rows, cols, C) otherwise.
     """
     samples = samples.detach().float().cpu()
-    mean, std = samples.mean(1), samples.std(1) if samples.shape[1] > 1 else torch.zeros_like(samples[:, 0])
+    if mean is None:
+        mean, std = samples.mean(1), samples.std(1) if samples.shape[1] > 1 else torch.zeros_like(samples[:, 0])
+    mean, std = mean.float().cpu(), torch.nan_to_num(std.float().cpu())
     cols = [measurement_image(operator, y)]
     cols += [samples[:, j] for j in range(min(n_show, samples.shape[1]))]
     cols += [mean, (std / STD_WHITE).clamp(0, 1) * 2 - 1]

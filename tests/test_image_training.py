@@ -108,7 +108,7 @@ def test_sample_heldout_and_png(trained, tmp_path):
     assert t["x_true"].shape == (3, 1, 8, 8) and t["y"].shape == (3, 1, 4, 4) and t["labels"].shape == (3,)
     assert torch.isfinite(t["samples"]).all()
     pngs = sorted((tmp_path / "s_png").glob("*.png"))
-    assert [p.name for p in pngs] == ["y0000.png", "y0001.png", "y0002.png"]
+    assert [p.name for p in pngs] == ["heldout00000.png", "heldout00001.png", "heldout00002.png"]  # by held-out index
     from PIL import Image
     assert Image.open(pngs[0]).size == (8 * 10, 10)  # measurement, 4 samples, mean, std, truth: 8 tiles of 8+2
 

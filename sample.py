@@ -102,7 +102,7 @@ def main():
 
         # cpu=True lets accelerate see several CPU processes (gloo); with cpu=False it looks for GPUs only.
         state = PartialState(cpu=args.device == "cpu" or (args.device == "auto" and not torch.cuda.is_available()))
-        device = state.device if args.device == "auto" else torch.device(args.device)
+        device = state.device if args.device == "auto" else parse_device(args.device)
         sampler = aps.load(args.checkpoint, device=device, prior=args.prior, operator=operator)
         op = sampler.operator
         out = {}
@@ -205,6 +205,25 @@ def main():
             (folder / GRIDS).write_text(json.dumps(names))
             print(f"wrote {len(names)} PNG grids (measurement | {min(args.show, n)} samples | mean | std"
                   f"{' | truth' if truth is not None else ''}) to {folder}")
+
+
+def parse_device(name: str):
+    """A torch device that this machine has, or ApsError."""
+    import torch
+
+    from aps.errors import ApsError
+
+    try:
+        device = torch.device(name)
+    except (RuntimeError, ValueError):
+        raise ApsError(f"--device {name!r} is not a torch device (cpu, cuda, cuda:1, mps, auto)") from None
+    if device.type == "cuda" and (not torch.cuda.is_available() or (device.index or 0) >= torch.cuda.device_count()):
+        raise ApsError(f"--device {name}: this machine has {torch.cuda.device_count()} CUDA devices")
+    if device.type == "mps" and not torch.backends.mps.is_available():
+        raise ApsError(f"--device {name}: MPS is not available here")
+    if device.type not in ("cpu", "cuda", "mps"):
+        raise ApsError(f"--device {name}: only cpu, cuda and mps are supported")
+    return device
 
 
 def grid_names(args, b: int) -> list:

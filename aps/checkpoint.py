@@ -36,11 +36,14 @@ def build_flow(cfg: dict):
     raise ApsError(f"unknown flow type {kind!r} in checkpoint")
 
 
-def fingerprint(flow_config: dict, task: dict) -> str:
-    """sha256 (16 hex digits) of a flow's architecture and task: stored with the weights, checked on load,
-    so that weights never load under the config of another flow or operator."""
-    text = json.dumps({"flow": flow_config, "task": task}, sort_keys=True)
-    return hashlib.sha256(text.encode()).hexdigest()[:16]
+def fingerprint(flow_config: dict, task: dict, folder: str | Path) -> str:
+    """sha256 (16 hex digits) of a flow's architecture and task (with the bytes of the task's files, a mixture
+    problem): stored with the weights, checked on load, so that weights never load under the config of
+    another flow, operator or problem."""
+    h = hashlib.sha256(json.dumps({"flow": flow_config, "task": task}, sort_keys=True).encode())
+    if isinstance(task.get("problem"), str) and (Path(folder) / task["problem"]).is_file():
+        h.update((Path(folder) / task["problem"]).read_bytes())
+    return h.hexdigest()[:16]
 
 
 def _replace_atomically(path: Path, write) -> None:
@@ -63,7 +66,7 @@ def save_checkpoint(folder: str | Path, flow, task: dict, train: dict, step: int
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     state = {k: v.detach().contiguous().cpu() for k, v in flow.state_dict().items()}
-    tag = {"format": FORMAT, "fingerprint": fingerprint(flow.config(), task), "step": str(step)}
+    tag = {"format": FORMAT, "fingerprint": fingerprint(flow.config(), task, folder), "step": str(step)}
     _replace_atomically(folder / WEIGHTS, lambda tmp: save_file(state, str(tmp), metadata=tag))
     meta = {"format": FORMAT, "format_version": FORMAT_VERSION, "step": step,
             "flow": flow.config(), "task": task, "train": train}
@@ -117,10 +120,14 @@ def load_flow(folder: str | Path, map_location: str = "cpu"):
         state = load_file(str(path), device=map_location)
     except Exception as err:  # any reader error: the file is not (whole) safetensors
         raise ApsError(f"{path} cannot be read (corrupt or not safetensors): {str(err).splitlines()[0]}") from None
-    want = tag.get("fingerprint")
-    if want is not None and want != fingerprint(meta["flow"], meta["task"]):
-        raise ApsError(f"{path} belongs to another flow or task than {folder}/{CONFIG} describes "
-                       f"(fingerprint {want}, the config's {fingerprint(meta['flow'], meta['task'])})")
+    if isinstance(meta["task"].get("problem"), str):  # a mixture: its problem file must read before it is compared
+        from .problems import load_problem
+
+        load_problem(folder / meta["task"]["problem"])
+    want, have = tag.get("fingerprint"), fingerprint(meta["flow"], meta["task"], folder)
+    if want is not None and want != have:
+        raise ApsError(f"{path} belongs to another flow or task than {folder} describes "
+                       f"(weights' fingerprint {want}, the folder's {have})")
     try:
         flow.load_state_dict(state)
     except RuntimeError as err:

@@ -12,6 +12,7 @@ import torch
 import torch.nn.functional as F
 
 STD_WHITE = 0.5
+MAX_PIXELS = 25_000_000  # a measurement image larger than this is refused unread
 
 
 def measurement_image(operator, y: torch.Tensor) -> torch.Tensor:
@@ -89,12 +90,18 @@ def read_png(path, shape) -> torch.Tensor:
     from .errors import ApsError
 
     c, h, w = shape
+    if not Path(path).is_file():
+        raise ApsError(f"image not found: {path}")
     try:
         with Image.open(path) as im:
+            if im.width * im.height > MAX_PIXELS:  # before decoding: a small file can hold a huge image
+                raise ApsError(f"{path} is too large ({im.width} x {im.height} pixels; at most {MAX_PIXELS:,})")
             im = im.convert("L" if c == 1 else "RGB")
             if im.size != (w, h):
                 im = im.resize((w, h), Image.Resampling.BICUBIC)
             a = np.asarray(im, dtype=np.float32).reshape(h, w, c)
-    except OSError as err:
+    except ApsError:
+        raise
+    except (OSError, ValueError, Image.DecompressionBombError) as err:
         raise ApsError(f"cannot read image {str(path)!r}: {err}") from None
     return torch.from_numpy(a).permute(2, 0, 1) / 127.5 - 1.0

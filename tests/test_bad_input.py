@@ -256,3 +256,16 @@ def test_bad_input_gives_one_line(world, tmp_path, script, args, needle):
 
 def test_the_table_is_large():
     assert len(CASES) >= 100, len(CASES)
+
+
+def test_png_grids_are_named_by_heldout_index_and_never_stale(world, tmp_path):
+    out = tmp_path / "s.safetensors"
+    assert run_here("sample.py", world / "img", "--heldout", "0:3", "--n", "5", "--out", out).returncode == 0
+    grids = tmp_path / "s_png"
+    assert sorted(p.name for p in grids.glob("*.png")) == [f"heldout0000{i}.png" for i in range(3)]
+    again = run_here("sample.py", world / "img", "--heldout", "5:6", "--n", "5", "--out", tmp_path / "t.safetensors",
+                     "--png-dir", grids)
+    assert again.returncode == 2 and "--overwrite" in again.stderr
+    again = run_here("sample.py", world / "img", "--heldout", "5:6", "--n", "5", "--out", out, "--overwrite")
+    assert again.returncode == 0, again.stderr
+    assert sorted(p.name for p in grids.glob("*.png")) == ["heldout00005.png"]

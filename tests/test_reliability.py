@@ -290,3 +290,52 @@ def test_killed_anywhere_a_run_resumes_to_the_same_weights(tmp_path):
     final = load_file(run / "flow.safetensors")
     assert all(torch.equal(final[k], reference[k]) for k in reference)
     assert not list((run / "checkpoints").glob(".tmp-*")) and not list(run.glob(".*.tmp-*"))
+
+
+# -- sampling streams ------------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def small_flow(tmp_path_factory):
+    out = tmp_path_factory.mktemp("flow")
+    train(tiny(out, steps=2))
+    return out / "run"
+
+
+def test_stream_is_lazy_and_the_same_for_any_chunk(small_flow):
+    import aps
+    from aps.sampling import BLOCK
+
+    sampler = aps.load(small_flow)
+    y = torch.tensor([[0.5], [-1.0]])
+    n = BLOCK + 904  # two latent blocks
+    x_a, lq_a = sampler.sample(y, n, seed=2, chunk=700)
+    x_b, lq_b = sampler.sample(y, n, seed=2, chunk=3 * n)
+    torch.testing.assert_close(x_a, x_b, rtol=0, atol=1e-5)
+    torch.testing.assert_close(lq_a, lq_b, rtol=0, atol=1e-4)
+    i, j, x, log_q = next(sampler.stream(y, 10**9, chunk=256))  # a billion samples: the first piece comes at once
+    assert (i, j) == (0, 0) and x.shape == (1, 256, 2) and log_q.shape == (1, 256)
+
+
+def test_sample_py_streams_into_the_file(small_flow, tmp_path):
+    import numpy as np
+
+    import aps
+    from cli_helpers import run_here
+
+    n = 5000
+    for name in ("s.safetensors", "s.npz"):
+        proc = run_here("sample.py", small_flow, "--y", "0.5", "--n", n, "--chunk", 600, "--seed", 1,
+                        "--out", tmp_path / name)
+        assert proc.returncode == 0, proc.stderr
+    t = load_file(tmp_path / "s.safetensors")
+    z = {k: torch.from_numpy(v) for k, v in np.load(tmp_path / "s.npz").items()}
+    x, log_q = aps.load(small_flow).sample(torch.tensor([[0.5]]), n, seed=1)
+    for f in (t, z):
+        torch.testing.assert_close(f["samples"], x, rtol=0, atol=1e-5)
+        torch.testing.assert_close(f["log_q"], log_q, rtol=0, atol=1e-4)
+        torch.testing.assert_close(f["mean"], x.mean(1), rtol=0, atol=1e-5)
+        torch.testing.assert_close(f["std"], x.std(1), rtol=0, atol=1e-5)
+    assert not list(tmp_path.glob(".*"))  # no temporary file left
+    before = (tmp_path / "s.npz").read_bytes()
+    proc = run_here("sample.py", small_flow, "--y", "0.5", "--n", 10, "--out", tmp_path / "s.npz")
+    assert proc.returncode == 2 and "--overwrite" in proc.stderr and (tmp_path / "s.npz").read_bytes() == before

@@ -37,9 +37,9 @@ class GraphedStep:
     def __init__(self, accelerator, model, opt, task, cfg, warmup: int = 3):
         device = accelerator.device
         if device.type != "cuda" or accelerator.num_processes != 1:
-            raise ApsError("--cuda-graph needs one process on a CUDA GPU (drop it for CPU or multi-GPU runs)")
+            raise ApsError("--cuda-graph on needs one process on a CUDA GPU (use auto or off for CPU or multi-GPU runs)")
         if cfg.grad_accum != 1:
-            raise ApsError("--cuda-graph captures one whole optimizer step: use --grad-accum 1")
+            raise ApsError("--cuda-graph on captures one whole optimizer step: use --grad-accum 1")
         self.model = accelerator.unwrap_model(model, keep_fp32_wrapper=False)
         self.opt = getattr(opt, "optimizer", opt)
         self.task, self.cfg, self.warmup, self.done = task, cfg, int(warmup), 0

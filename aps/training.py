@@ -276,6 +276,8 @@ def train(cfg: TrainConfig, callback=None) -> Path:
     accelerator = Accelerator(
         cpu=cfg.cpu, mixed_precision=cfg.mixed_precision, gradient_accumulation_steps=cfg.grad_accum,
         log_with="tensorboard", project_config=ProjectConfiguration(project_dir=str(out), logging_dir=str(out / "logs")))
+    if cfg.cuda_graph == "on" and (accelerator.device.type != "cuda" or accelerator.num_processes != 1):
+        raise ApsError("--cuda-graph on needs one process on a CUDA GPU (use auto or off for CPU or multi-GPU runs)")
     lock = RunLock(out)
     try:
         return _train(cfg, accelerator, lock, callback)
@@ -324,7 +326,7 @@ def _train(cfg: TrainConfig, accelerator, lock: RunLock, callback) -> Path:
         ema.to(accelerator.device)
 
     # after any load_state: it puts the optimizer's step counts and learning rate on the device
-    graphed = GraphedStep(accelerator, model, opt, task, cfg) if cfg.cuda_graph else None
+    graphed = GraphedStep(accelerator, model, opt, task, cfg) if use_cuda_graph(cfg, accelerator) else None
 
     def shipped_flow():
         return ema.module if ema is not None else accelerator.unwrap_model(model).flow
@@ -449,6 +451,16 @@ def _load_state(accelerator, out: Path, flow, ema, opt) -> tuple[int, float]:
         mine = {k.split(".", 1)[1]: v for k, v in files["rng"].items() if k.split(".", 1)[0] == str(rank)}
         set_rng_state(mine, meta["rng"][rank])
     return int(meta["step"]), float(meta.get("seconds", 0.0))
+
+
+def use_cuda_graph(cfg: TrainConfig, accelerator) -> bool:
+    """--cuda-graph: on (required), off, or auto: on for image tasks in one CUDA process with one micro-batch
+    (the vector flows' splines read the device inside their layers, which a graph cannot capture), unless
+    --nonfinite skip asks for steps to be checked before they are applied."""
+    if cfg.cuda_graph == "on":
+        return True
+    return (cfg.cuda_graph == "auto" and cfg.is_image and accelerator.device.type == "cuda"
+            and accelerator.num_processes == 1 and cfg.grad_accum == 1 and cfg.nonfinite != "skip")
 
 
 def elapsed(accelerator, t_start: float) -> float:

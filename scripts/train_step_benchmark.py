@@ -21,6 +21,10 @@ Variants (each on a fresh flow with the same seed, so the first-step losses can 
   compile_unet      torch.compile of the prior's UNet (fixed shapes; compile time reported)
   compile_flow      torch.compile of the flow's two passes (sampling, and log q for the forward-KL term)
   compile_all       both
+  graph             the step captured once as a CUDA graph and replayed (--cuda-graph, aps.graph_step)
+  fkl               the forward-KL stage's step (--aps-weight 0: no UNet pass)
+  z1t1              one z per y and one ELBO draw per x, times stratified over the batch
+Tokens combine with '+', e.g. graph+batch256, graph+z1t1, graph+fkl.
 """
 import argparse
 import json
@@ -30,7 +34,7 @@ from pathlib import Path
 import torch
 
 
-def build(args, batch):
+def build(args, batch, overrides=None):
     """(cfg, accelerator, task, model, opt, ema) as aps.training.train builds them (no output folder)."""
     from accelerate import Accelerator
     from accelerate.utils import set_seed
@@ -39,9 +43,10 @@ def build(args, batch):
     from aps.tasks import make_task
     from aps.training import EMA, APSModel
 
-    cfg = TrainConfig(prior=args.prior, operator=args.operator, op_arg=args.op_arg, data="mnist", batch_size=batch,
-                      n_z=2, n_elbo=2, fkl_weight=1.0, mixed_precision=args.mixed_precision, ema_decay=0.999,
-                      cpu=args.device == "cpu", temper_start=1.0).validate()
+    recipe = dict(prior=args.prior, operator=args.operator, op_arg=args.op_arg, data="mnist", batch_size=batch,
+                  n_z=2, n_elbo=2, fkl_weight=1.0, mixed_precision=args.mixed_precision, ema_decay=0.999,
+                  cpu=args.device == "cpu", temper_start=1.0)
+    cfg = TrainConfig(**{**recipe, **(overrides or {})}).validate()
     accelerator = Accelerator(cpu=cfg.cpu, mixed_precision=cfg.mixed_precision)
     set_seed(0)
     task = make_task(cfg)
@@ -66,18 +71,29 @@ def run_variant(args, name):
 
     from aps.training import training_step
 
-    torch.backends.cudnn.benchmark = name == "cudnn_benchmark"
-    torch.backends.cuda.matmul.allow_tf32 = name == "tf32"
-    torch.backends.cudnn.allow_tf32 = name == "tf32"
-    batch = int(name[5:]) if name.startswith("batch") else args.batch_size
+    tokens = set(name.split("+"))
+    torch.backends.cudnn.benchmark = "cudnn_benchmark" in tokens
+    torch.backends.cuda.matmul.allow_tf32 = "tf32" in tokens
+    torch.backends.cudnn.allow_tf32 = "tf32" in tokens
+    batch = next((int(t[5:]) for t in tokens if t.startswith("batch")), args.batch_size)
+    overrides = {}
+    if "fkl" in tokens:
+        overrides["aps_weight"] = 0.0
+    if "z1t1" in tokens:
+        overrides.update(n_z=1, n_elbo=1, elbo_strata="batch")
     if name == "old":
         from torch.optim.swa_utils import AveragedModel
 
         from aps.flows.layers import LUInvertibleConv1x1
 
         LUInvertibleConv1x1.weight_inverse = lambda self: torch.linalg.inv(self.weight())
-    cfg, accelerator, task, model, opt, ema = build(args, batch)
+    cfg, accelerator, task, model, opt, ema = build(args, batch, overrides)
     flow = accelerator.unwrap_model(model).flow
+    graphed = None
+    if "graph" in tokens:
+        from aps.graph_step import GraphedStep
+
+        graphed = GraphedStep(accelerator, model, opt, task, cfg)
     if name == "old":
         def update(ema_params, params, n_averaged):
             n = int(n_averaged)
@@ -98,7 +114,10 @@ def run_variant(args, name):
     t_start = time.monotonic()
 
     def step():
-        terms = training_step(accelerator, model, opt, task, cfg, beta=1.0, lr=cfg.lr)
+        if graphed is not None:
+            terms = graphed(1.0, cfg.lr, cfg.aps_weight)
+        else:
+            terms = training_step(accelerator, model, opt, task, cfg, beta=1.0, lr=cfg.lr)
         ema.update_parameters(flow)
         if name == "old":  # the run clock's two reductions per step
             for _ in range(2):
@@ -121,11 +140,12 @@ def run_variant(args, name):
     host = time.perf_counter() - t0
     sync(args.device)
     wall = time.perf_counter() - t0
-    out = {"variant": name, "batch": batch, "first_step_s": first_s, "compile_s": compile_s, "first_loss": losses[0],
+    tail = [float(step()["loss"]) for _ in range(10)]  # the loss after the timed steps (graph vs eager: same level)
+    out = {"variant": name, "loss_after_timed_steps": sum(tail) / len(tail), "batch": batch, "overrides": overrides, "first_step_s": first_s, "compile_s": compile_s, "first_loss": losses[0],
            "last_loss": float(terms["loss"]), "ms_per_step": 1e3 * wall / args.steps,
            "host_ms_per_step": 1e3 * host / args.steps, "steps_per_s": args.steps / wall,
            "measurements_per_s": batch * args.steps / wall}
-    if args.profile and name in ("old", "base"):
+    if args.profile and tokens & {"old", "base", "graph"}:
         try:
             out["profile"] = profile(args, step)
         except Exception as err:  # the timing above stands without it
@@ -185,6 +205,9 @@ def main():
         Path(args.out).write_text(json.dumps(results, indent=1))
     for v in results["variants"]:
         if "error" not in v:
+            busy = v.get("profile", {}).get("kernel_ms_per_step")
+            if busy is not None and "wall_ms_per_step_profiled" in v["profile"]:
+                print(f"{v['variant']}: GPU busy {busy / v['profile']['wall_ms_per_step_profiled']:.0%} of a profiled step")
             print(f"{v['variant']:16s} batch {v['batch']:4d}  {v['ms_per_step']:7.1f} ms/step (host {v['host_ms_per_step']:6.1f})"
                   f"  {v['steps_per_s']:5.2f} steps/s  {v['measurements_per_s']:7.0f} y/s  loss0 {v['first_loss']:.4f}")
 

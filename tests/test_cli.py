@@ -104,3 +104,15 @@ def test_problem_file_round_trip_and_train_from_it(tmp_path):
         assert torch.allclose(pb2.prior.means, pb.prior.means) and torch.allclose(pb2.operator.A, pb.operator.A)
     proc = run("train.py", "--problem", tmp_path / "p.npz", "--out", tmp_path / "o", *TINY)
     assert proc.returncode == 0, proc.stderr
+
+
+def test_cuda_graph_on_without_a_gpu_is_one_error_line(tmp_path):
+    """--cuda-graph on asks for a CUDA process: on the CPU it stops with one line, before anything is written."""
+    from aps.config import TrainConfig
+    from aps.errors import ApsError
+    from aps.training import train
+
+    cfg = TrainConfig(mcgdiff="2,1,0", cuda_graph="on", cpu=True, steps=1, out=str(tmp_path / "run"))
+    with pytest.raises(ApsError, match="cuda-graph on needs one process on a CUDA GPU"):
+        train(cfg)
+    assert not (tmp_path / "run").exists()

@@ -104,6 +104,8 @@ class TrainConfig:
                             "skip that step (stopping after 10 in a row)", "run", ("stop", "skip"))
     init_from: str = option("", "start a new run from the weights of this checkpoint folder (same task and architecture; "
                           "fresh optimizer and schedule), e.g. to train a shipped flow longer", "run")
+    prior_gradient_checkpointing: bool = option(False, "recompute the prior UNet's activations in the backward pass "
+                                                "(less GPU memory for large priors, e.g. 256x256)", "run")
     cuda_graph: str = option("auto", "capture the training step once as a CUDA graph and replay it: the image step is "
                              "launch-bound, a replay launches it all at once (6-11x the steps/s on an H200); auto = on "
                              "for image tasks in one CUDA process with --grad-accum 1, on = required, off = never", "run",

@@ -269,7 +269,7 @@ def make_task(cfg, with_data: bool = True):
     from .operators import build
     from .priors import DiffusersPrior
 
-    prior = DiffusersPrior.from_pretrained(cfg.prior)
+    prior = DiffusersPrior.from_pretrained(cfg.prior, gradient_checkpointing=cfg.prior_gradient_checkpointing)
     operator = build(cfg.operator, image_shape=prior.event_shape, **cfg.operator_args())
     images = load_images(cfg.data, prior.event_shape) if with_data else None
     return ImageTask(prior, operator, cfg.data, images)

@@ -153,6 +153,7 @@ def test_a_second_process_cannot_train_into_a_locked_folder(tmp_path):
     holder.join()
     # a lock left by a killed process is no lock: the kernel dropped it
     ready.clear()
+    done.clear()
     holder = ctx.Process(target=hold)
     holder.start()
     assert ready.wait(30)

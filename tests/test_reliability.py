@@ -262,7 +262,24 @@ def _run_session(cfg: TrainConfig, kill_at: int) -> tuple[int, int]:
 @pytest.mark.slow
 def test_killed_anywhere_a_run_resumes_to_the_same_weights(tmp_path):
     """SIGKILL at many points (between steps, before/after each file of a save, around each rename), --keep 1:
-    each resume loses at most one checkpoint interval, and the final flow equals an uninterrupted run's."""
+    each resume loses at most one checkpoint interval, and the final flow equals an uninterrupted run's.
+
+    In a fresh interpreter on one thread: forking this pytest process after torch's thread pools have run
+    can hang the children."""
+    import subprocess
+    import sys
+
+    from cli_helpers import ENV, ROOT
+
+    code = (f"import sys, torch; torch.set_num_threads(1); sys.path.insert(0, {str(ROOT / 'tests')!r}); "
+            f"from pathlib import Path; from test_reliability import kill_chain; kill_chain(Path({str(tmp_path)!r}))")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=ENV, cwd=ROOT, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "kills" in proc.stdout and int(proc.stdout.split("kills")[1].split()[0]) >= 5
+
+
+def kill_chain(tmp_path):
+    """Sessions killed one after another until one completes (the test above runs it)."""
     base = dict(steps=8, checkpoint_every=2, keep=1, ema_decay=0.9)
     train(tiny(tmp_path, "whole", **base))  # in this process: the forked sessions find everything imported
     code, total, _ = _run_session(tiny(tmp_path, "count", **base), 0)
@@ -291,6 +308,7 @@ def test_killed_anywhere_a_run_resumes_to_the_same_weights(tmp_path):
     final = load_file(run / "flow.safetensors")
     assert all(torch.equal(final[k], reference[k]) for k in reference)
     assert not list((run / "checkpoints").glob(".tmp-*")) and not list(run.glob(".*.tmp-*"))
+    print("kills", kills, "sessions", session)
 
 
 # -- sampling streams ------------------------------------------------------------------------------

@@ -16,8 +16,22 @@ of processes:
     accelerate launch --cpu --num_processes 2 sample.py runs/d2 --from-prior 64 --n 5000 --out s.safetensors
 """
 import argparse
+import json
 
 from aps.cli import one_line_errors
+
+GRIDS = ".aps-grids.json"  # the PNG grids a sample.py run wrote into a folder (replaced whole by the next run)
+
+
+def count(text: str) -> int:
+    """A count of at least 1, written as 1000 or 1e6."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"wants a whole number such as 1000 or 1e6, got {text!r}") from None
+    if not value.is_integer() or value < 1:
+        raise argparse.ArgumentTypeError(f"must be a whole number, at least 1, got {text}")
+    return int(value)
 
 
 def main():
@@ -33,13 +47,17 @@ def main():
                    "instead of the checkpoint's own (a flow trained with --data prior has none)")
     src.add_argument("--png", nargs="+", metavar="FILE", help="images: measurement images (noisy, low-resolution, "
                      "or with the holes of a fixed inpainting mask)")
-    p.add_argument("--n", type=int, default=1000, help="posterior samples per measurement (default: 1000)")
+    p.add_argument("--n", type=count, default=1000, help="posterior samples per measurement, e.g. 5000 or 1e6 "
+                   "(streamed to --out: memory stays that of --chunk; default: 1000)")
     p.add_argument("--seed", type=int, default=0, help="seed: sample j of measurement i depends only on it (default: 0)")
-    p.add_argument("--chunk", type=int, default=8192, help="flow evaluations per forward pass (default: 8192)")
+    p.add_argument("--chunk", type=count, default=8192, help="flow evaluations per forward pass; bounds the memory "
+                   "(default: 8192)")
     p.add_argument("--device", default="auto", help="torch device (default: auto = this process's accelerate "
                    "device: its GPU under `accelerate launch`, else cuda if there is one, else cpu)")
     p.add_argument("--bf16", action="store_true", help="run the flow's coupling networks under bf16 autocast")
-    p.add_argument("--out", default="samples.safetensors", help=".safetensors or .npz output file")
+    p.add_argument("--out", default="samples.safetensors", help=".safetensors or .npz output file, written as the "
+                   "samples come (under a temporary name until complete)")
+    p.add_argument("--overwrite", action="store_true", help="replace --out (and its PNG grids) if it exists")
     p.add_argument("--no-samples", action="store_true", help="store mean, std and y only, not every sample")
     p.add_argument("--png-dir", help="images: folder for one PNG grid per measurement (default: next to --out, "
                    "named after it)")
@@ -58,11 +76,20 @@ def main():
         from aps.config import TrainConfig
         from aps.errors import ApsError
         from aps.image_grid import posterior_grid, read_png, save_png
-        from aps.io import read_tensors, write_tensors
-        from aps.sampling import heldout_measurements, measurements_from_images
+        from aps.io import SUFFIXES, TensorFileWriter, read_tensors
+        from aps.sampling import RunningMoments, heldout_measurements, measurements_from_images
 
         if sum(v is not None for v in (args.y, args.y_file, args.from_prior, args.heldout, args.png)) != 1:
             raise ApsError("give exactly one of --y, --y-file, --from-prior, --heldout, --png")
+        out_path = Path(args.out)
+        if out_path.suffix not in SUFFIXES:
+            raise ApsError(f"--out must end in {' or '.join(SUFFIXES)}, not {out_path.name!r}")
+        if out_path.is_dir():
+            raise ApsError(f"--out {out_path} is a folder")
+        if out_path.exists() and not args.overwrite:
+            raise ApsError(f"{out_path} exists: pass --overwrite to replace it")
+        if args.show < 0:
+            raise ApsError(f"--show must be >= 0, got {args.show}")
         operator = None
         if args.operator:
             from aps.operators import build
@@ -77,7 +104,7 @@ def main():
 
         # cpu=True lets accelerate see several CPU processes (gloo); with cpu=False it looks for GPUs only.
         state = PartialState(cpu=args.device == "cpu" or (args.device == "auto" and not torch.cuda.is_available()))
-        device = state.device if args.device == "auto" else torch.device(args.device)
+        device = state.device if args.device == "auto" else parse_device(args.device)
         sampler = aps.load(args.checkpoint, device=device, prior=args.prior, operator=operator)
         op = sampler.operator
         out = {}
@@ -116,35 +143,131 @@ def main():
             out["x_true"] = sampler.prior.cpu().sample(args.from_prior, generator=g).float()
             y = sampler.operator.cpu().measure(out["x_true"], generator=g)
             sampler.to(device)
-        # Each process samples a contiguous share of the measurements (seeded by their global index) and the
-        # main process gathers the shares in order.
         y = torch.as_tensor(y)
-        with state.split_between_processes(list(range(len(y)))) as mine:
-            share = []
-            if mine:
-                x, log_q = sampler.sample(y[mine[0]: mine[-1] + 1], args.n, seed=args.seed, chunk=args.chunk,
-                                          first_index=mine[0], progress=state.is_main_process,
-                                          autocast_dtype=torch.bfloat16 if args.bf16 else None)
-                share = [(mine[0], x.cpu(), log_q.cpu())]
-        parts = sorted(gather_object(share) if state.num_processes > 1 else share, key=lambda part: part[0])
-        if not state.is_main_process:
-            return
-        x, log_q = torch.cat([part[1] for part in parts]), torch.cat([part[2] for part in parts])
-        out.update(mean=x.mean(1), std=x.std(1), y=y.cpu())
-        if not args.no_samples:
-            out.update(samples=x, log_q=log_q)
-        path = write_tensors(args.out, out)
+        sampler.check_y(y)  # shape, finite, not empty: before anything is written
+        is_image = sampler.task.kind == "image"
+        names = grid_names(args, len(y)) if is_image else []
+        folder = (Path(args.png_dir) if args.png_dir else out_path.with_name(out_path.stem + "_png")) if is_image else None
+        old_grids = check_grid_folder(folder, names, args.overwrite) if is_image else []
+        n, event = args.n, tuple(sampler.flow.event_shape)
+        specs = {} if args.no_samples else {"samples": ((len(y), n, *event), torch.float32),
+                                            "log_q": ((len(y), n), torch.float32)}
+        specs.update(mean=((len(y), *event), torch.float32), std=((len(y), *event), torch.float32),
+                     y=(tuple(y.shape), y.dtype), **{k: (tuple(v.shape), v.dtype) for k, v in out.items()})
+        writer = TensorFileWriter(out_path, specs)
+        check_disk_space(out_path, writer.nbytes * (2 if out_path.suffix == ".npz" else 1))
+        if state.is_main_process:
+            writer.create()
+        state.wait_for_everyone()
+        try:
+            # Each process samples a contiguous share of the measurements (seeded by their global index) and writes
+            # them into the file as they come; the main process gathers the moments (and the grids' first samples).
+            per_sample = int(torch.Size(event).numel())
+            with state.split_between_processes(list(range(len(y)))) as mine:
+                share = []
+                if mine:
+                    lo, hi = mine[0], mine[-1] + 1
+                    moments = RunningMoments(hi - lo, event)
+                    first = torch.zeros(hi - lo, min(args.show, n), *event) if is_image else None
+                    for i, j, x, log_q in sampler.stream(y[lo:hi], n, seed=args.seed, chunk=args.chunk, first_index=lo,
+                                                         progress=state.is_main_process,
+                                                         autocast_dtype=torch.bfloat16 if args.bf16 else None):
+                        if not args.no_samples:  # (m, k) samples from (i, j) on: contiguous in the file when k = n
+                            for r in ([0] if x.shape[1] == n else range(len(x))):
+                                rows = slice(None) if x.shape[1] == n else slice(r, r + 1)
+                                writer.write("samples", ((lo + i + r) * n + j) * per_sample, x[rows])
+                                writer.write("log_q", (lo + i + r) * n + j, log_q[rows])
+                        moments.add(i, x)
+                        if first is not None and j < first.shape[1]:
+                            k = min(first.shape[1] - j, x.shape[1])
+                            first[i:i + len(x), j:j + k] = x[:, :k].cpu()
+                    share = [(lo, *moments.result(), first)]
+            parts = sorted(gather_object(share) if state.num_processes > 1 else share, key=lambda part: part[0])
+            state.wait_for_everyone()  # every share is in the file
+            if not state.is_main_process:
+                return
+            mean, std = torch.cat([part[1] for part in parts]), torch.cat([part[2] for part in parts])
+            for name, value in dict(mean=mean, std=std, y=y.cpu(), **out).items():
+                writer.write(name, 0, value)
+            path = writer.finish()
+        except BaseException:
+            if state.is_main_process:
+                writer.abort()
+            raise
         procs = f" ({state.num_processes} processes)" if state.num_processes > 1 else ""
-        print(f"wrote {x.shape[1]} samples for each of {x.shape[0]} measurements to {path}{procs}")
-        if sampler.task.kind == "image":
-            folder = Path(args.png_dir) if args.png_dir else path.with_name(path.stem + "_png")
+        print(f"wrote {n} samples for each of {len(y)} measurements to {path}{procs}")
+        if is_image:
+            first = torch.cat([part[3] for part in parts])
             truth = out.get("x_true")
-            for i in range(len(x)):
-                grid = posterior_grid(op, torch.as_tensor(y)[i:i + 1].cpu(), x[i:i + 1].cpu(),
-                                      None if truth is None else truth[i:i + 1], n_show=args.show)
-                save_png(grid, folder / f"y{i:04d}.png")
-            print(f"wrote {len(x)} PNG grids (measurement | {min(args.show, args.n)} samples | mean | std"
+            for name in old_grids:  # the previous run's grids go, so that none is left stale
+                (folder / name).unlink(missing_ok=True)
+            for i, name in enumerate(names):
+                grid = posterior_grid(op, y[i:i + 1].cpu(), first[i:i + 1], None if truth is None else truth[i:i + 1],
+                                      n_show=args.show, mean=mean[i:i + 1], std=std[i:i + 1])
+                save_png(grid, folder / name)
+            (folder / GRIDS).write_text(json.dumps(names))
+            print(f"wrote {len(names)} PNG grids (measurement | {min(args.show, n)} samples | mean | std"
                   f"{' | truth' if truth is not None else ''}) to {folder}")
+
+
+def parse_device(name: str):
+    """A torch device that this machine has, or ApsError."""
+    import torch
+
+    from aps.errors import ApsError
+
+    try:
+        device = torch.device(name)
+    except (RuntimeError, ValueError):
+        raise ApsError(f"--device {name!r} is not a torch device (cpu, cuda, cuda:1, mps, auto)") from None
+    if device.type == "cuda" and (not torch.cuda.is_available() or (device.index or 0) >= torch.cuda.device_count()):
+        raise ApsError(f"--device {name}: this machine has {torch.cuda.device_count()} CUDA devices")
+    if device.type == "mps" and not torch.backends.mps.is_available():
+        raise ApsError(f"--device {name}: MPS is not available here")
+    if device.type not in ("cpu", "cuda", "mps"):
+        raise ApsError(f"--device {name}: only cpu, cuda and mps are supported")
+    return device
+
+
+def grid_names(args, b: int) -> list:
+    """One PNG name per measurement: by held-out index, by input file, or by position."""
+    from pathlib import Path
+
+    if args.heldout is not None:
+        start = int(args.heldout.split(":")[0])
+        return [f"heldout{start + i:05d}.png" for i in range(b)]
+    if args.png is not None:
+        return [f"y{i:04d}_{Path(f).stem}.png" for i, f in enumerate(args.png)]
+    return [f"y{i:04d}.png" for i in range(b)]
+
+
+def check_grid_folder(folder, names, overwrite: bool) -> None:
+    """Refuse to mix grids of two runs, or to replace a file that sample.py did not write; returns the
+    previous run's grids (with --overwrite), deleted when the new ones are written."""
+    from aps.errors import ApsError
+
+    manifest = folder / GRIDS
+    old = json.loads(manifest.read_text()) if manifest.is_file() else []
+    if old and not overwrite:
+        raise ApsError(f"{folder} holds the PNG grids of another sample.py run: pass --overwrite to replace them")
+    foreign = [n for n in names if (folder / n).exists() and n not in old]
+    if foreign:
+        raise ApsError(f"{folder / foreign[0]} exists and was not written by sample.py: choose another --png-dir")
+    return [name for name in old if isinstance(name, str) and "/" not in name and name.endswith(".png")]
+
+
+def check_disk_space(path, nbytes: int) -> None:
+    import shutil
+
+    from aps.errors import ApsError
+
+    parent = path.resolve().parent
+    while not parent.exists():
+        parent = parent.parent
+    free = shutil.disk_usage(parent).free
+    if nbytes > free:
+        raise ApsError(f"{path} would take {nbytes / 1e9:.3g} GB but {parent} has {free / 1e9:.3g} GB free: "
+                       f"lower --n, or --no-samples for the mean and std alone")
 
 
 if __name__ == "__main__":

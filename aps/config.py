@@ -121,6 +121,9 @@ class TrainConfig:
                              "ending the run: --resume continues it, and the LR decay and tempering keep following "
                              "--steps / --max-seconds, counted over all sessions (0 = off)", "run")
     resume: bool = option(False, "continue the run in --out from its latest training state", "run")
+    overwrite: bool = option(False, "start a new run in --out even if it holds one (deletes that run's files)", "run")
+    nonfinite: str = option("stop", "a NaN or inf loss term or gradient: stop (error; the saved states are kept) or "
+                            "skip that step (stopping after 10 in a row)", "run", ("stop", "skip"))
     init_from: str = option("", "start a new run from the weights of this checkpoint folder (same task and architecture; "
                           "fresh optimizer and schedule), e.g. to train a shipped flow longer", "run")
     prior_gradient_checkpointing: bool = option(False, "recompute the prior UNet's activations in the backward pass "
@@ -161,7 +164,7 @@ class TrainConfig:
         for name in positive:
             if getattr(self, name) < 1:
                 raise ApsError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(self, name)}")
-        if not self.lr > 0:
+        if not 0 < self.lr < float("inf"):
             raise ApsError(f"--lr must be positive, got {self.lr}")
         if not 0 < self.temper_start <= 1:
             raise ApsError(f"--temper-start must be in (0, 1], got {self.temper_start}")
@@ -189,6 +192,8 @@ class TrainConfig:
             raise ApsError("--aps-weight-start ramps the APS weight up to --aps-weight, which is 0")
         if self.elbo_antithetic and self.n_elbo % 2:
             raise ApsError(f"--elbo-antithetic draws (t, eps) in pairs: --n-elbo must be even, got {self.n_elbo}")
+        if self.cuda_graph == "on" and self.nonfinite == "skip":
+            raise ApsError("--cuda-graph on applies every step as it runs: use --nonfinite stop with it")
         if self.cuda_graph == "on" and self.grad_accum != 1:
             raise ApsError("--cuda-graph on captures one whole optimizer step: use --grad-accum 1")
         if self.fkl_weight == 0 and self.aps_weight == 0:
@@ -202,6 +207,8 @@ class TrainConfig:
         if self.measurements and self.fkl_weight > 0 and self.data != "prior":
             raise ApsError("--measurements has no ground truth, so the forward-KL term has no pairs: add --data prior "
                            "(pairs drawn from the prior) or --fkl-weight 0")
+        if self.overwrite and self.resume:
+            raise ApsError("--overwrite starts a new run and --resume continues one: give one of them")
         if self.init_from and self.resume:
             raise ApsError("--init-from starts a new run and --resume continues one: give one of them")
         if self.max_seconds < 0 or self.stop_after < 0:

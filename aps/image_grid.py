@@ -12,6 +12,7 @@ import torch
 import torch.nn.functional as F
 
 STD_WHITE = 0.5
+MAX_PIXELS = 25_000_000  # a measurement image larger than this is refused unread
 
 
 def measurement_image(operator, y: torch.Tensor) -> torch.Tensor:
@@ -48,14 +49,17 @@ def _label_tile(label: int, c: int, h: int, w: int) -> torch.Tensor:
     return t.expand(c, h, w).clone()
 
 
-def posterior_grid(operator, y, samples, x_true=None, n_show: int = 6, pad: int = 1) -> np.ndarray:
+def posterior_grid(operator, y, samples, x_true=None, n_show: int = 6, pad: int = 1, mean=None, std=None) -> np.ndarray:
     """uint8 grid (rows = measurements): [measurement | n_show samples | mean | std | truth].
 
-    y (B, *y_shape), samples (B, n, C, H, W) in [-1, 1], x_true (B, C, H, W) or None.
+    y (B, *y_shape), samples (B, n, C, H, W) in [-1, 1], x_true (B, C, H, W) or None; mean and std (B, C, H, W)
+    of all the samples when `samples` holds only the first few (default: those of `samples`).
     Returns (rows, cols) for one channel, (rows, cols, C) otherwise.
     """
     samples = samples.detach().float().cpu()
-    mean, std = samples.mean(1), samples.std(1) if samples.shape[1] > 1 else torch.zeros_like(samples[:, 0])
+    if mean is None:
+        mean, std = samples.mean(1), samples.std(1) if samples.shape[1] > 1 else torch.zeros_like(samples[:, 0])
+    mean, std = mean.float().cpu(), torch.nan_to_num(std.float().cpu())
     cols = [measurement_image(operator, y)]
     cols += [samples[:, j] for j in range(min(n_show, samples.shape[1]))]
     cols += [mean, (std / STD_WHITE).clamp(0, 1) * 2 - 1]
@@ -86,12 +90,18 @@ def read_png(path, shape) -> torch.Tensor:
     from .errors import ApsError
 
     c, h, w = shape
+    if not Path(path).is_file():
+        raise ApsError(f"image not found: {path}")
     try:
         with Image.open(path) as im:
+            if im.width * im.height > MAX_PIXELS:  # before decoding: a small file can hold a huge image
+                raise ApsError(f"{path} is too large ({im.width} x {im.height} pixels; at most {MAX_PIXELS:,})")
             im = im.convert("L" if c == 1 else "RGB")
             if im.size != (w, h):
                 im = im.resize((w, h), Image.Resampling.BICUBIC)
             a = np.asarray(im, dtype=np.float32).reshape(h, w, c)
-    except OSError as err:
+    except ApsError:
+        raise
+    except (OSError, ValueError, Image.DecompressionBombError) as err:
         raise ApsError(f"cannot read image {str(path)!r}: {err}") from None
     return torch.from_numpy(a).permute(2, 0, 1) / 127.5 - 1.0

@@ -8,12 +8,16 @@ from __future__ import annotations
 import itertools
 from pathlib import Path
 
+import numpy as np
 import torch
 from tqdm.auto import tqdm
 
 from .checkpoint import load_flow
 from .errors import ApsError, check_finite
 from .tasks import load_task
+
+
+BLOCK = 4096  # latents of one measurement drawn from one generator (aps.sampling.PosteriorSampler.latents)
 
 
 class PosteriorSampler:
@@ -33,36 +37,111 @@ class PosteriorSampler:
             self.prior.to(device)
         return self
 
-    def latents(self, index: int, n: int, seed: int, y: torch.Tensor) -> torch.Tensor:
-        """The n latents z ~ q0(z | y) of measurement `index` (y of shape (1, *y_shape)), (n, *event_shape),
-        from its own CPU generator (the flow's base draws them: N(0, I), or a conditional mixture)."""
-        g = torch.Generator().manual_seed(seed * 1_000_003 + index)
+    def latents(self, index: int, n: int, seed: int, y: torch.Tensor, block: int = 0) -> torch.Tensor:
+        """The n latents z ~ q0(z | y) of block `block` of measurement `index` (y of shape (1, *y_shape)),
+        (n, *event_shape), from their own CPU generator (the flow's base draws them: N(0, I), or a
+        conditional mixture). Block 0 is seeded by (seed, index), block b > 0 by (seed, index, b)."""
+        key = seed * 1_000_003 + index
+        if block:
+            key = int(np.random.SeedSequence([seed, index, block]).generate_state(1, np.uint64)[0] >> 1)
+        g = torch.Generator().manual_seed(key)
         return self.flow.sample_z(y, n, generator=g)
+
+    @torch.no_grad()
+    def stream(self, y: torch.Tensor, n: int, seed: int = 0, chunk: int = 65536, first_index: int = 0,
+               progress: bool = False, autocast_dtype: torch.dtype | None = None):
+        """n posterior samples per measurement, as they come: yields (i, j, x, log_q) with x (m, k, *event_shape)
+        and log_q (m, k), samples j..j+k-1 of measurements i..i+m-1 of y (B, *y_shape), in order.
+
+        At most `chunk` flow evaluations per forward pass and at most BLOCK latents in memory, whatever n:
+        the latents of a measurement are drawn in blocks of BLOCK samples, each from its own generator
+        (`latents`), so sample j of measurement first_index + i is the same for any chunk or split.
+        """
+        y = self.check_y(y)
+        if n < 1:
+            raise ApsError(f"the number of samples must be at least 1, got {n}")
+        if chunk < 1:
+            raise ApsError(f"the chunk must be at least 1, got {chunk}")
+        bar = tqdm(total=len(y) * n, disable=not progress, desc="sampling", unit_scale=True)
+        if n <= min(chunk, BLOCK):  # whole measurements per forward pass
+            per = max(1, chunk // n)
+            for start in range(0, len(y), per):
+                yb = y[start:start + per]
+                z = torch.cat([self.latents(first_index + start + i, n, seed, yb[i:i + 1]) for i in range(len(yb))])
+                x, log_q = self._flow(z, yb, autocast_dtype)
+                bar.update(len(yb) * n)
+                yield start, 0, x.reshape(len(yb), n, *self.flow.event_shape), log_q.reshape(len(yb), n)
+        else:  # one measurement at a time, its blocks in chunks
+            for i in range(len(y)):
+                for b0 in range(0, n, BLOCK):
+                    z_block = self.latents(first_index + i, min(BLOCK, n - b0), seed, y[i:i + 1], block=b0 // BLOCK)
+                    for c0 in range(0, len(z_block), chunk):
+                        z = z_block[c0:c0 + chunk]
+                        x, log_q = self._flow(z, y[i:i + 1], autocast_dtype)
+                        bar.update(len(z))
+                        yield i, b0 + c0, x[None], log_q[None]
+        bar.close()
+
+    def _flow(self, z, y, autocast_dtype):
+        with torch.autocast(self.device.type, dtype=autocast_dtype, enabled=autocast_dtype is not None):
+            x, log_q = self.flow(z, y)
+        x = x.float()
+        check_finite("the flow's samples", x)
+        return x, log_q.float()
+
+    def check_y(self, y) -> torch.Tensor:
+        """y as a tensor on the flow's device, checked against the operator (shape, finite); labels stay integers."""
+        y = torch.as_tensor(y)
+        if y.ndim == 0 or y.numel() == 0:
+            raise ApsError(f"measurements y must be a batch (B, *y_shape) with B >= 1, got shape {tuple(y.shape)}")
+        y = self.operator.check_y(y.to(self.device))
+        return y.float() if y.is_floating_point() else y
 
     @torch.no_grad()
     def sample(self, y: torch.Tensor, n: int, seed: int = 0, chunk: int = 65536, first_index: int = 0,
                progress: bool = False, autocast_dtype: torch.dtype | None = None):
-        """n posterior samples per measurement: y (B, *y_shape) -> x (B, n, *event_shape), log_q (B, n).
+        """n posterior samples per measurement: y (B, *y_shape) -> x (B, n, *event_shape), log_q (B, n), in memory.
 
-        `chunk` bounds the flow evaluations per forward pass (memory). Measurement i of this call is
-        measurement first_index + i for seeding, so a data set split into calls gives the same samples.
+        `chunk` bounds the flow evaluations per forward pass (the result itself is B * n samples: for more than
+        fit in memory, use `stream`, as sample.py does). Measurement i of this call is measurement
+        first_index + i for seeding, so a data set split into calls gives the same samples.
         """
-        y = self.operator.check_y(torch.as_tensor(y).to(self.device))
-        y = y.float() if y.is_floating_point() else y  # class labels stay integers
-        if n < 1:
-            raise ApsError(f"the number of samples must be at least 1, got {n}")
-        xs, lqs = [], []
-        per = max(1, chunk // n)  # measurements per forward pass
-        for start in tqdm(range(0, len(y), per), disable=not progress, desc="sampling"):
-            yb = y[start:start + per]
-            z = torch.cat([self.latents(first_index + start + i, n, seed, yb[i:i + 1]) for i in range(len(yb))])
-            with torch.autocast(self.device.type, dtype=autocast_dtype, enabled=autocast_dtype is not None):
-                x, log_q = self.flow(z, yb)
-            xs.append(x.float().reshape(len(yb), n, *self.flow.event_shape))
-            lqs.append(log_q.float().reshape(len(yb), n))
-        x, log_q = torch.cat(xs), torch.cat(lqs)
-        check_finite("the flow's samples", x)
-        return x, log_q
+        y = self.check_y(y)
+        x = torch.empty(len(y), n, *self.flow.event_shape)
+        log_q = torch.empty(len(y), n)
+        for i, j, xs, lq in self.stream(y, n, seed=seed, chunk=chunk, first_index=first_index, progress=progress,
+                                        autocast_dtype=autocast_dtype):
+            x[i:i + len(xs), j:j + xs.shape[1]] = xs.cpu()
+            log_q[i:i + len(xs), j:j + xs.shape[1]] = lq.cpu()
+        return x.to(self.device), log_q.to(self.device)
+
+
+class RunningMoments:
+    """Mean and std (unbiased, as torch.std) over samples that come in pieces: Chan et al.'s pairwise update,
+    in float64, for B measurements of shape event_shape."""
+
+    def __init__(self, b: int, event_shape):
+        self.count = torch.zeros(b, dtype=torch.float64)
+        self.mean = torch.zeros(b, *event_shape, dtype=torch.float64)
+        self.m2 = torch.zeros(b, *event_shape, dtype=torch.float64)
+
+    def add(self, i: int, x: torch.Tensor) -> None:
+        """x (m, k, *event_shape): k more samples of measurements i..i+m-1."""
+        x = x.detach().to("cpu", torch.float64)
+        k = x.shape[1]
+        sl = slice(i, i + len(x))
+        mean_b, m2_b = x.mean(1), ((x - x.mean(1, keepdim=True)) ** 2).sum(1)
+        n_a = self.count[sl].reshape(-1, *[1] * (x.ndim - 2))
+        total = n_a + k
+        delta = mean_b - self.mean[sl]
+        self.mean[sl] += delta * (k / total)
+        self.m2[sl] += m2_b + delta ** 2 * (n_a * k / total)
+        self.count[sl] += k
+
+    def result(self) -> tuple[torch.Tensor, torch.Tensor]:
+        c = self.count.reshape(-1, *[1] * (self.mean.ndim - 1))
+        std = (self.m2 / (c - 1)).sqrt() if bool((self.count > 1).all()) else torch.full_like(self.mean, float("nan"))
+        return self.mean.float(), std.float()
 
 
 def load(path: str | Path, device: str | torch.device = "cpu", prior=None, operator=None) -> PosteriorSampler:

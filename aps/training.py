@@ -14,7 +14,7 @@ from pathlib import Path
 
 import torch
 from accelerate import Accelerator
-from accelerate.utils import ProjectConfiguration, set_seed
+from accelerate.utils import ProjectConfiguration, broadcast_object_list, gather_object, set_seed
 from torch import nn
 from tqdm.auto import tqdm
 
@@ -24,6 +24,8 @@ from .config import TrainConfig
 from .errors import ApsError
 from .graph_step import GraphedStep
 from .problems import load_problem
+from .run_folder import RunLock, check_new_run, clear_run
+from .train_state import load_optimizer_state, newest_state, remove_temporary, rng_state, set_rng_state, write_state
 from .tasks import PROBLEM_FILE, MixtureTask, make_task
 
 
@@ -157,14 +159,18 @@ class EMA(nn.Module):
         self.n_averaged.fill_(self._n)
 
 
+MAX_SKIPS = 10  # --nonfinite skip: this many non-finite steps in a row stop the run
+
+
 def training_step(accelerator, model, opt, task, cfg: TrainConfig, beta: float, lr: float,
-                  aps_weight: float | None = None) -> dict:
-    """One optimizer step over cfg.grad_accum micro-batches of fresh measurements; the last micro-batch's terms.
+                  aps_weight: float | None = None) -> tuple[dict, str | None]:
+    """One optimizer step over cfg.grad_accum micro-batches of fresh measurements.
 
     x ~ the task's clean data, y = A(x) + sigma_y n, the loss of `APSModel` at tempering beta; the LR is set
     to `lr` first. With measurements only (task.sample_y), the APS term sees those y instead, and the
-    forward-KL term (if weighted) the pairs (x, A(x) + noise). Adds no host sync of its own (the caller reads
-    the terms only every log_every steps).
+    forward-KL term (if weighted) the pairs (x, A(x) + noise). Returns (the last micro-batch's terms, None), or
+    (terms, what was not finite) if the loss or the gradient held NaN or inf: then no parameter moved. One host
+    sync, for that check.
     """
     for group in opt.param_groups:
         group["lr"] = lr
@@ -173,14 +179,94 @@ def training_step(accelerator, model, opt, task, cfg: TrainConfig, beta: float, 
             y = task.sample_y(cfg.batch_size)  # (B, *y_shape) measurements without truth, or None
             x0 = task.sample_x(cfg.batch_size) if y is None or cfg.fkl_weight > 0 else None  # (B, *event_shape)
             y0 = None if x0 is None else task.operator.measure(x0)  # (B, *y_shape)
-            terms = model(y0 if y is None else y, task.prior, task.operator, cfg, beta, x_pairs=x0,
-                          aps_weight=aps_weight, y_pairs=y0)
+            y_aps = y0 if y is None else y
+            try:
+                terms = model(y_aps, task.prior, task.operator, cfg, beta, x_pairs=x0,
+                              aps_weight=aps_weight, y_pairs=y0)
+            except AssertionError:  # normflows' spline inverse asserts on NaN inputs or runaway weights
+                flow = accelerator.unwrap_model(model).flow
+                opt.zero_grad(set_to_none=True)
+                if any(_nonfinite_kind(t) for t in (x0, y_aps, *flow.parameters())):
+                    return {}, describe_nonfinite({}, x0, y_aps, flow)
+                largest = max(float(p.detach().abs().max()) for p in flow.parameters())
+                return {}, f"not finite: the flow's spline inverse (its weights reach |w| = {largest:.3g})"
             accelerator.backward(terms["loss"])
-            if accelerator.sync_gradients and cfg.grad_clip > 0:
-                accelerator.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+            if accelerator.sync_gradients:
+                # max_norm inf leaves the gradient as it is and gives its norm (NaN/inf if any entry is)
+                norm = accelerator.clip_grad_norm_(model.parameters(), cfg.grad_clip if cfg.grad_clip > 0 else math.inf)
+                if not _finite(accelerator, terms["loss"], norm):
+                    problem = describe_nonfinite(terms, x0, y_aps, accelerator.unwrap_model(model).flow)
+                    opt.zero_grad(set_to_none=True)
+                    return terms, problem
             opt.step()
             opt.zero_grad(set_to_none=True)
-    return terms
+    return terms, None
+
+
+def _finite(accelerator, loss, norm) -> bool:
+    """Whether the loss and the gradient norm are finite on every rank (so that all ranks decide alike).
+
+    With fp16 the gradient scaler skips steps with inf gradients itself (it calibrates its scale that way):
+    only the loss counts then."""
+    values = [torch.as_tensor(loss, dtype=torch.float32, device=accelerator.device).reshape(())]
+    if accelerator.scaler is None:
+        values.append(torch.as_tensor(norm, dtype=torch.float32, device=accelerator.device).reshape(()))
+    ok = torch.isfinite(torch.stack(values)).all().float()
+    if accelerator.num_processes > 1:
+        ok = accelerator.reduce(ok, "min")
+    return bool(ok.item())
+
+
+TERM_NAMES = {"nll": "nll (-log p(y|x))", "prior": "prior (the prior's ELBO or -log p(x))",
+              "log_q": "log_q (the flow's log-density)", "forward_kl": "forward_kl (-log q(x|y))", "loss": "loss"}
+
+
+def _nonfinite_kind(t) -> str | None:
+    if t is None:  # measurements only: no clean x this step
+        return None
+    t = torch.as_tensor(t).detach()
+    if torch.isfinite(t).all():
+        return None
+    return "NaN" if torch.isnan(t).any() else "inf"
+
+
+def describe_nonfinite(terms: dict, x, y, flow) -> str:
+    """Which inputs, parameters, loss terms and gradients hold NaN or inf (the first few of each), as one phrase."""
+    found = []
+    for name, value in (("the clean data x", x), ("the measurements y", y)):
+        if _nonfinite_kind(value):
+            found.append(f"{name} ({_nonfinite_kind(value)})")
+    params = [(n, _nonfinite_kind(p)) for n, p in flow.named_parameters() if _nonfinite_kind(p)]
+    if params:
+        found.append(f"{len(params)} flow parameters, e.g. {params[0][0]} ({params[0][1]})")
+    bad_terms = [f"{TERM_NAMES[k]} {kind}" for k in ("nll", "prior", "log_q", "forward_kl", "loss")
+                 if k in terms and (kind := _nonfinite_kind(terms[k]))]
+    if bad_terms:
+        found.append("loss terms " + ", ".join(bad_terms))
+    grads = [(n, _nonfinite_kind(p.grad)) for n, p in flow.named_parameters()
+             if p.grad is not None and _nonfinite_kind(p.grad)]
+    if grads:
+        found.append(f"the gradient of {len(grads)} parameters, e.g. {grads[0][0]} ({grads[0][1]})")
+    return "not finite: " + "; ".join(found or ["the gradient norm"])
+
+
+def _on_main(accelerator, fn):
+    """fn() on the main process; an ApsError there is raised on every rank (none is left waiting for it)."""
+    error, result = None, None
+    if accelerator.is_main_process:
+        try:
+            result = fn()
+        except ApsError as err:
+            error = str(err)
+    if accelerator.num_processes > 1:
+        error = broadcast_object_list([error])[0]
+    if error:
+        raise ApsError(error)
+    return result
+
+
+def _all_finite(module) -> bool:
+    return all(bool(torch.isfinite(t).all()) for t in module.state_dict().values() if t.is_floating_point())
 
 
 def train(cfg: TrainConfig, callback=None) -> Path:
@@ -188,16 +274,27 @@ def train(cfg: TrainConfig, callback=None) -> Path:
 
     The folder is a checkpoint that sample.py and aps.load read. callback(accelerator, model, step), if
     given, runs on every rank after each optimizer step (tests use it to compare ranks).
+    Nothing is written into cfg.out before the checks pass (the folder's run, the task, the flow); then
+    the folder is locked (aps.run_folder) until the run ends.
     """
     cfg = resolve_config(cfg)
     out = Path(cfg.out)
+    if not cfg.resume:
+        check_new_run(out, cfg.overwrite)
     accelerator = Accelerator(
         cpu=cfg.cpu, mixed_precision=cfg.mixed_precision, gradient_accumulation_steps=cfg.grad_accum,
-        log_with="tensorboard",
-        project_config=ProjectConfiguration(project_dir=str(out), logging_dir=str(out / "logs"),
-                                            automatic_checkpoint_naming=True, total_limit=cfg.keep))
+        log_with="tensorboard", project_config=ProjectConfiguration(project_dir=str(out), logging_dir=str(out / "logs")))
     if cfg.cuda_graph == "on" and (accelerator.device.type != "cuda" or accelerator.num_processes != 1):
         raise ApsError("--cuda-graph on needs one process on a CUDA GPU (use auto or off for CPU or multi-GPU runs)")
+    lock = RunLock(out)
+    try:
+        return _train(cfg, accelerator, lock, callback)
+    finally:
+        lock.release()
+
+
+def _train(cfg: TrainConfig, accelerator, lock: RunLock, callback) -> Path:
+    out = Path(cfg.out)
     set_seed(cfg.seed)  # the same initial weights on every rank; noise differs below
     if cfg.resume and not cfg.is_image:
         task = MixtureTask(load_problem(out / PROBLEM_FILE))
@@ -215,9 +312,16 @@ def train(cfg: TrainConfig, callback=None) -> Path:
     ema = EMA(flow, cfg.ema_decay) if cfg.ema_decay > 0 else None
     if ema is not None:
         task.attach(ema.module)  # the deep copy holds its own reference to A^T
-    if accelerator.is_main_process:
-        out.mkdir(parents=True, exist_ok=True)
-        task.save(out)
+
+    def take_folder():  # every check has passed: lock the folder, then (and only then) write into it
+        lock.acquire()
+        if not cfg.resume:
+            check_new_run(out, cfg.overwrite)  # again, under the lock: another run may have started meanwhile
+            if cfg.overwrite:
+                clear_run(out)
+        remove_temporary(out)
+
+    _on_main(accelerator, take_folder)
     set_seed(cfg.seed, device_specific=True)  # ranks draw different measurements and z
 
     # The frozen prior and operator move to the device but are never prepared (DDP would wrap them).
@@ -229,20 +333,6 @@ def train(cfg: TrainConfig, callback=None) -> Path:
     model, opt = accelerator.prepare(model, opt)
     if ema is not None:
         ema.to(accelerator.device)
-        accelerator.register_for_checkpointing(ema)
-    accelerator.init_trackers("aps", config={k: v for k, v in cfg.to_dict().items() if isinstance(v, (int, float, str))
-                                             and not isinstance(v, bool)})
-
-    start, seconds_before = 0, 0.0
-    if cfg.resume:
-        states = sorted((out / "checkpoints").glob("checkpoint_*"), key=lambda p: int(p.name.split("_")[-1]))
-        if not states:
-            raise ApsError(f"--resume: no training state under {out / 'checkpoints'}")
-        accelerator.load_state(str(states[-1]))
-        # load_state does not advance accelerate's naming counter; without this the next save collides.
-        accelerator.project_configuration.iteration = int(states[-1].name.split("_")[-1]) + 1
-        saved = read_config(out)
-        start, seconds_before = saved["step"], float(saved.get("train_seconds", 0.0))
 
     # after any load_state: it puts the optimizer's step counts and learning rate on the device
     graphed = GraphedStep(accelerator, model, opt, task, cfg) if use_cuda_graph(cfg, accelerator) else None
@@ -250,16 +340,43 @@ def train(cfg: TrainConfig, callback=None) -> Path:
     def shipped_flow():
         return ema.module if ema is not None else accelerator.unwrap_model(model).flow
 
+    start, seconds_before = 0, 0.0
+    if cfg.resume:
+        start, seconds_before = _load_state(accelerator, out, accelerator.unwrap_model(model).flow, ema, opt)
+        if accelerator.is_main_process and read_config(out).get("step") != start:
+            # killed between the flow and its training state: the flow goes back to the state
+            save_checkpoint(out, shipped_flow(), task.config(), cfg.to_dict(), start, seconds=seconds_before)
+    accelerator.init_trackers("aps", config={k: v for k, v in cfg.to_dict().items() if isinstance(v, (int, float, str))
+                                             and not isinstance(v, bool)})
+    last_saved = start if cfg.resume else None
+
     def save(step):
-        accelerator.save_state()  # every rank must call it (it waits for all)
+        nonlocal last_saved
+        rngs = gather_object([rng_state()])  # one per process: each rank's noise goes on where it stopped
         seconds = run_seconds()  # a collective (the slowest rank's clock): every rank, not only the main one
-        if accelerator.is_main_process:
+        if not (_all_finite(accelerator.unwrap_model(model).flow) and (ema is None or _all_finite(ema))):
+            raise ApsError(f"step {step}: the flow's weights are not finite; nothing saved "
+                           f"({_kept(out, last_saved)}); lower --lr")
+
+        def write():
+            if last_saved is None:
+                task.save(out)  # the files the task refers to (the mixture problem), with the first save
+            # the flow first: a kill before the state is complete leaves the previous state, which --resume
+            # takes (and writes the flow of) again
             save_checkpoint(out, shipped_flow(), task.config(), cfg.to_dict(), step, seconds=seconds)
+            extra = {"seconds": seconds, "scaler": accelerator.scaler.state_dict() if accelerator.scaler else None}
+            write_state(out, step, {"model": accelerator.unwrap_model(model).flow, "ema": ema}, opt, rngs, extra,
+                        cfg.keep)
+
+        _on_main(accelerator, write)
+        accelerator.wait_for_everyone()
+        last_saved = step
 
     # the run's clock counts every session: a resumed run goes on with its LR decay and tempering
     t_start, done = time.monotonic() - seconds_before, start
     timed = cfg.max_seconds > 0 or cfg.stop_after > 0
     now = seconds_before  # the run's clock, read once per step (at its end)
+    skipped = 0  # non-finite steps in a row
 
     def run_seconds():
         return elapsed(accelerator, t_start)
@@ -273,17 +390,30 @@ def train(cfg: TrainConfig, callback=None) -> Path:
             progress = max(progress, now / cfg.max_seconds)
         beta, lr, aps_weight = cfg.beta_at(progress), cfg.lr * lr_factor(cfg, step, progress), cfg.aps_weight_at(progress)
         if graphed is not None:
-            terms = graphed(beta, lr, aps_weight)
+            # a replayed graph has stepped already: its loss is checked where it is read (logs, saves)
+            terms, problem = graphed(beta, lr, aps_weight), None
         else:
-            terms = training_step(accelerator, model, opt, task, cfg, beta, lr, aps_weight)
-        if ema is not None:
-            ema.update_parameters(accelerator.unwrap_model(model).flow)
+            terms, problem = training_step(accelerator, model, opt, task, cfg, beta, lr, aps_weight)
+        if problem is not None:
+            skipped += 1
+            if cfg.nonfinite == "stop" or skipped >= MAX_SKIPS:
+                why = "" if cfg.nonfinite == "stop" else f" ({MAX_SKIPS} steps in a row)"
+                raise ApsError(f"step {step + 1}: {problem}{why}; the run stopped, nothing saved "
+                               f"({_kept(out, last_saved)}); lower --lr, or --nonfinite skip to step over rare ones")
+            accelerator.print(f"warning: step {step + 1} skipped: {problem}")
+        else:
+            skipped = 0
+            if ema is not None:
+                ema.update_parameters(accelerator.unwrap_model(model).flow)
         done = step + 1
         if callback is not None:
             callback(accelerator, model, done)
-        if (step + 1) % cfg.log_every == 0 or step + 1 == cfg.steps:
+        if problem is None and ((step + 1) % cfg.log_every == 0 or step + 1 == cfg.steps):
             logs = {k: accelerator.reduce(v.detach().float(), "mean").item() for k, v in terms.items()}
             logs.update(beta=beta, lr=lr, aps_weight=aps_weight)
+            if graphed is not None and not math.isfinite(logs["loss"]):  # graph replays are not checked one by one
+                raise ApsError(f"step {step + 1}: the loss is not finite; the run stopped, nothing saved "
+                               f"({_kept(out, last_saved)}); lower --lr")
             accelerator.log(logs, step=step + 1)
             bar.set_postfix(loss=f"{logs['loss']:.3f}", beta=f"{beta:.3f}")
         if cfg.sample_every and (step + 1) % cfg.sample_every == 0 and accelerator.is_main_process:
@@ -307,13 +437,39 @@ def train(cfg: TrainConfig, callback=None) -> Path:
     return out
 
 
+def _kept(out: Path, step) -> str:
+    return f"the run in {out} stays at step {step}" if step is not None else f"no state was saved in {out}"
+
+
+def _load_state(accelerator, out: Path, flow, ema, opt) -> tuple[int, float]:
+    """Load the newest complete training state into flow, ema and opt (and this rank's RNG); (step, seconds)."""
+    folder, meta, files = newest_state(out, warn=accelerator.print)
+    if ("ema" in files) != (ema is not None):
+        raise ApsError(f"--resume: the run in {out} was trained {'with' if 'ema' in files else 'without'} an EMA "
+                       f"of its weights: give the same --ema-decay")
+    device = accelerator.device
+    flow.load_state_dict(files["model"])
+    if ema is not None:
+        ema.load_state_dict(files["ema"])
+        ema.to(device)
+    load_optimizer_state(opt, files["optimizer"], meta["optimizer"])  # torch moves the moments to the parameters
+    if accelerator.scaler is not None and meta.get("scaler"):
+        accelerator.scaler.load_state_dict(meta["scaler"])
+    rank = accelerator.process_index
+    if rank < len(meta["rng"]):
+        mine = {k.split(".", 1)[1]: v for k, v in files["rng"].items() if k.split(".", 1)[0] == str(rank)}
+        set_rng_state(mine, meta["rng"][rank])
+    return int(meta["step"]), float(meta.get("seconds", 0.0))
+
+
 def use_cuda_graph(cfg: TrainConfig, accelerator) -> bool:
     """--cuda-graph: on (required), off, or auto: on for image tasks in one CUDA process with one micro-batch
-    (the vector flows' splines read the device inside their layers, which a graph cannot capture)."""
+    (the vector flows' splines read the device inside their layers, which a graph cannot capture), unless
+    --nonfinite skip asks for steps to be checked before they are applied."""
     if cfg.cuda_graph == "on":
         return True
     return (cfg.cuda_graph == "auto" and cfg.is_image and accelerator.device.type == "cuda"
-            and accelerator.num_processes == 1 and cfg.grad_accum == 1)
+            and accelerator.num_processes == 1 and cfg.grad_accum == 1 and cfg.nonfinite != "skip")
 
 
 def elapsed(accelerator, t_start: float) -> float:

@@ -117,7 +117,7 @@ def run_variant(args, name):
         if graphed is not None:
             terms = graphed(1.0, cfg.lr, cfg.aps_weight)
         else:
-            terms = training_step(accelerator, model, opt, task, cfg, beta=1.0, lr=cfg.lr)
+            terms, _ = training_step(accelerator, model, opt, task, cfg, beta=1.0, lr=cfg.lr)  # (terms, non-finite?)
         ema.update_parameters(flow)
         if name == "old":  # the run clock's two reductions per step
             for _ in range(2):

@@ -94,7 +94,7 @@ def test_resume_continues_the_same_run(trained, tmp_path):
     after = load_file(trained / "flow.safetensors")
     assert any(not torch.equal(before[k], after[k]) for k in before)
     kept = sorted(p.name for p in (trained / "checkpoints").iterdir())
-    assert kept == ["checkpoint_0", "checkpoint_1"]  # saved at steps 2 and 4; --keep 2
+    assert kept == ["step_0000002", "step_0000004"]  # saved at steps 2 and 4; --keep 2
     proc = run("train.py", "--out", trained, "--resume", "--operator", "denoise", "--cpu")
     assert_one_line_error(proc, "train.py", "--operator 'sr'")
 
@@ -108,7 +108,7 @@ def test_sample_heldout_and_png(trained, tmp_path):
     assert t["x_true"].shape == (3, 1, 8, 8) and t["y"].shape == (3, 1, 4, 4) and t["labels"].shape == (3,)
     assert torch.isfinite(t["samples"]).all()
     pngs = sorted((tmp_path / "s_png").glob("*.png"))
-    assert [p.name for p in pngs] == ["y0000.png", "y0001.png", "y0002.png"]
+    assert [p.name for p in pngs] == ["heldout00000.png", "heldout00001.png", "heldout00002.png"]  # by held-out index
     from PIL import Image
     assert Image.open(pngs[0]).size == (8 * 10, 10)  # measurement, 4 samples, mean, std, truth: 8 tiles of 8+2
 

@@ -30,8 +30,9 @@ def build(name: str, **params) -> "Operator":
         raise ApsError(f"unknown operator {name!r}; known: {', '.join(sorted(OPERATORS))}")
     try:
         return OPERATORS[name](**params)
-    except TypeError as err:
-        raise ApsError(f"operator {name!r}: {err}") from None
+    except (TypeError, ValueError) as err:  # a parameter it does not take, or a value it cannot use
+        given = ", ".join(f"{k}={v!r}" for k, v in params.items() if k != "image_shape")
+        raise ApsError(f"operator {name!r} ({given}): {str(err).splitlines()[0]}") from None
 
 
 class Operator(nn.Module):

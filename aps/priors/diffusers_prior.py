@@ -151,11 +151,17 @@ class DiffusersPrior(Prior):
                                f"scheduler/{SCHEDULER_CONFIG} (DDPMPipeline layout), or config.json and "
                                f"{SCHEDULER_CONFIG} side by side")
             try:
-                unet = UNet2DModel.from_pretrained(unet_dir)
                 sched_cfg = _scheduler_class({}).load_config(sched_dir)
+                if "sigma_data" in sched_cfg or "Consistency" in str(sched_cfg.get("_class_name", "")) \
+                        or str(sched_cfg.get("_class_name", "")).startswith("CM"):
+                    raise ApsError(f"{name!r} holds a consistency model ({sched_cfg.get('_class_name')}), not a "
+                                   f"diffusion prior: give the DDPM-family prior it was distilled from")
+                unet = UNet2DModel.from_pretrained(unet_dir)
                 scheduler = _scheduler_class(sched_cfg).from_config(sched_cfg)
-            except (OSError, ValueError) as err:
-                raise ApsError(f"cannot load the diffusion prior in {name!r}: {err}") from None
+            except (OSError, ValueError, TypeError, KeyError) as err:
+                raise ApsError(f"cannot load the diffusion prior in {name!r}: {str(err).splitlines()[0]}") from None
+            if not hasattr(scheduler, "alphas_cumprod"):
+                raise ApsError(f"{name!r}: its scheduler {type(scheduler).__name__} has no DDPM-family (VP) schedule")
             return cls(unet, scheduler, path=name, **options)
         if folder.exists() or _looks_local(name):
             raise ApsError(f"prior folder {name!r} does not exist")

@@ -62,6 +62,8 @@ def main():
     p.add_argument("--png-dir", help="images: folder for one PNG grid per measurement (default: next to --out, "
                    "named after it)")
     p.add_argument("--show", type=int, default=8, help="images: samples shown per PNG row (default: 8)")
+    p.add_argument("--figure", metavar="FILE", help="images: also a figure (.png, .pdf or .svg) of the first 8 "
+                   "measurements' posterior mean, std and 90%% credible-interval width beside the truth")
     check = p.add_argument_group("checks (optional): fail unless the flow was trained for these")
     check.add_argument("--prior", help="the diffusion prior folder")
     check.add_argument("--operator", help="the operator's name")
@@ -75,7 +77,7 @@ def main():
         import aps
         from aps.config import TrainConfig
         from aps.errors import ApsError
-        from aps.image_grid import posterior_grid, read_png, save_png
+        from aps.image_grid import enlarge, posterior_grid, read_png, save_png
         from aps.io import SUFFIXES, TensorFileWriter, read_tensors
         from aps.sampling import RunningMoments, heldout_measurements, measurements_from_images
 
@@ -90,6 +92,8 @@ def main():
             raise ApsError(f"{out_path} exists: pass --overwrite to replace it")
         if args.show < 0:
             raise ApsError(f"--show must be >= 0, got {args.show}")
+        if args.figure and Path(args.figure).suffix.lower() not in (".png", ".pdf", ".svg"):
+            raise ApsError(f"--figure wants a .png, .pdf or .svg file, got {args.figure!r}")
         operator = None
         if args.operator:
             from aps.operators import build
@@ -107,6 +111,8 @@ def main():
         device = state.device if args.device == "auto" else parse_device(args.device)
         sampler = aps.load(args.checkpoint, device=device, prior=args.prior, operator=operator)
         op = sampler.operator
+        if args.figure and sampler.task.kind != "image":
+            raise ApsError("--figure needs an image checkpoint")
         out = {}
         if args.y is not None:
             try:
@@ -204,10 +210,19 @@ def main():
             for i, name in enumerate(names):
                 grid = posterior_grid(op, y[i:i + 1].cpu(), first[i:i + 1], None if truth is None else truth[i:i + 1],
                                       n_show=args.show, mean=mean[i:i + 1], std=std[i:i + 1])
-                save_png(grid, folder / name)
+                save_png(enlarge(grid, op.x_shape[-1]), folder / name)  # a digit >= 128 pixels
             (folder / GRIDS).write_text(json.dumps(names))
             print(f"wrote {len(names)} PNG grids (measurement | {min(args.show, n)} samples | mean | std"
                   f"{' | truth' if truth is not None else ''}) to {folder}")
+            if args.figure:
+                from aps.image_grid import measurement_image, posterior_figure
+
+                y_images = measurement_image(op, torch.as_tensor(y)[:8].cpu())
+                # the first 8 measurements' samples again (seeded per measurement: the same draws as in the file)
+                x8, _ = sampler.sample(y[:8], min(n, 1000), seed=args.seed, chunk=args.chunk,
+                                       autocast_dtype=torch.bfloat16 if args.bf16 else None)
+                figure = posterior_figure(y_images, x8.cpu(), None if truth is None else truth[:8], args.figure)
+                print(f"wrote the figure (measurement | truth | mean | std | 90% interval width) to {figure}")
 
 
 def parse_device(name: str):

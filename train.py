@@ -1,30 +1,38 @@
 """Train one amortized posterior flow for one problem (a mixture) or one image operator.
 
     accelerate launch train.py --mcgdiff 2,1,0 --out runs/d2          # one GPU, several, or CPU
-    python train.py --problem my_problem.npz --steps 2000 --cpu
-    python train.py --out runs/d2 --resume                             # continue a run
-    accelerate launch train.py --prior checkpoints/mnist-prior --operator sr --op-arg factor=4 \
-        --fkl-weight 1 --mixed-precision bf16 --max-seconds 600 --out runs/mnist-sr   # images: y made from MNIST train
+    accelerate launch train.py --recipe mnist-sr-flow --out runs/sr    # a shipped recipe (aps/recipes/*.toml)
+    python train.py --recipe my_recipe.toml --lr 5e-4 --out runs/mine  # a recipe file, one option overridden
+    python train.py --out runs/d2 --resume --steps 8000                # continue a run (as it was configured)
     python train.py --prior checkpoints/mnist-prior --operator inpaint_box --op-arg box=[4,4,24,12] --dry-run
+
+Options are layered: defaults < recipe (--recipe, or the default recipe for the task's kind) < on --resume
+the run's saved config < the options given here. --dry-run prints the result as a recipe, grouped by
+section, and says where each value that is not a default came from.
 """
 import argparse
+import sys
 
 from aps.cli import one_line_errors
-from aps.config import add_arguments, from_args
+from aps.config import add_arguments, explicit_args
 
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_arguments(parser)
-    args = parser.parse_args()
+    given = explicit_args(parser, sys.argv[1:])
     with one_line_errors("train.py"):
-        from aps.training import dry_run, train
+        from aps.recipe import describe, resolve
 
-        cfg = from_args(args)
-        if cfg.dry_run:
-            print(dry_run(cfg))
+        run = resolve(given)
+        if run.cfg.dry_run:
+            print(describe(run), end="")
             return
-        out = train(cfg)
+        from aps.training import train
+
+        for note in run.notes:
+            print(note, file=sys.stderr)
+        out = train(run.cfg)
         print(f"saved the flow to {out}")
 
 

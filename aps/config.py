@@ -1,7 +1,10 @@
-"""One typed training config: defaults and one line of help each, saved beside every checkpoint.
+"""One typed training config: defaults and one line of help each, grouped by the part that uses them.
 
 The CLI of train.py is generated from these fields (`add_arguments` / `from_args`), so a default or
-a help line lives in exactly one place.
+a help line lives in exactly one place. Each field's group (task, flow, image flow, objective,
+optimisation, run) is a section of a recipe file and of the "train" entry of a checkpoint's
+config.json (`to_groups` / `from_dict`); aps.recipe layers recipes, a resumed run's saved config and
+the command line over these defaults.
 """
 from __future__ import annotations
 
@@ -20,16 +23,15 @@ def option(default, help: str, group: str, choices=None):
 
 @dataclass
 class TrainConfig:
-    # -- main: what to train for
-    problem: str = option("", "mixture problem file (.npz/.safetensors: means, weights, variances, A, sigma_y)", "main")
-    mcgdiff: str = option("", "or make an MCGdiff mixture problem: 'd,dy,seed' (saved into --out)", "main")
-    prior: str = option("", "or train for images: a diffusers prior folder (unet/ + scheduler/), e.g. checkpoints/mnist-prior", "main")
-    operator: str = option("", "with --prior: the operator's name (denoise, inpaint_box, inpaint_random, sr, deblur, cs, classifier)", "main")
+    # -- task: what to train for (restored from the checkpoint on --resume)
+    problem: str = option("", "mixture problem file (.npz/.safetensors: means, weights, variances, A, sigma_y)", "task")
+    mcgdiff: str = option("", "or make an MCGdiff mixture problem: 'd,dy,seed' (saved into --out)", "task")
+    prior: str = option("", "or train for images: a diffusers prior folder (unet/ + scheduler/), e.g. checkpoints/mnist-prior", "task")
+    operator: str = option("", "with --prior: the operator's name (denoise, inpaint_box, inpaint_random, sr, deblur, cs, classifier)", "task")
     op_arg: list = option(None, "with --operator: one operator parameter as key=value (JSON value), repeatable, "
-                        "e.g. --op-arg factor=4 --op-arg sigma_y=0.1", "main")
+                        "e.g. --op-arg factor=4 --op-arg sigma_y=0.1", "task")
     data: str = option("mnist", "with --prior: clean images x (train split only): mnist, digits8, an image folder, or "
-                       "prior (drawn from the prior itself: see the data options)", "main")
-    out: str = option("runs/aps", "output folder: config.json, flow.safetensors, training state, logs", "main")
+                       "prior (drawn from the prior itself: see the data options)", "task")
     # -- data: clean images drawn from the prior itself (--data prior), measurements without ground truth
     prior_sampler: str = option("ddim", "--data prior: the prior's scheduler that draws the images: ddim (eta 0) or ddpm",
                                 "data", ("ddim", "ddpm"))
@@ -106,6 +108,9 @@ class TrainConfig:
     grad_clip: float = option(5.0, "gradient-norm clip (0 = off)", "optimisation")
     grad_accum: int = option(1, "gradient accumulation steps", "optimisation")
     # -- run
+    out: str = option("runs/aps", "output folder: config.json, flow.safetensors, training state, logs, model card", "run")
+    recipe: str = option("", "the recipe file (or shipped recipe name) the options start from; default: the one for the "
+                         "task's kind (aps/recipes/defaults.toml); on --resume the run's own config", "run")
     seed: int = option(0, "random seed (ranks draw different noise)", "run")
     mixed_precision: str = option("no", "accelerate mixed precision", "run", ("no", "bf16", "fp16"))
     cpu: bool = option(False, "force the CPU even if a GPU is there", "run")
@@ -209,8 +214,6 @@ class TrainConfig:
                            "(pairs drawn from the prior) or --fkl-weight 0")
         if self.overwrite and self.resume:
             raise ApsError("--overwrite starts a new run and --resume continues one: give one of them")
-        if self.init_from and self.resume:
-            raise ApsError("--init-from starts a new run and --resume continues one: give one of them")
         if self.max_seconds < 0 or self.stop_after < 0:
             raise ApsError("--max-seconds and --stop-after must be >= 0")
         if not 0 <= self.ema_decay < 1 or self.sample_every < 0 or self.glow_clamp <= 0:
@@ -252,13 +255,35 @@ class TrainConfig:
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
 
+    def to_groups(self) -> dict:
+        """{section: {option: value}}, sections in the fields' order (what config.json and recipes hold)."""
+        groups: dict[str, dict] = {}
+        for f in dataclasses.fields(self):
+            groups.setdefault(section(f), {})[f.name] = getattr(self, f.name)
+        return groups
+
     @classmethod
     def from_dict(cls, d: dict) -> "TrainConfig":
+        """From to_groups() or to_dict() output (config.json of any version); unknown keys are dropped."""
+        d = flatten(d, cls)
         names = {f.name for f in dataclasses.fields(cls)}
         d = {k: v for k, v in d.items() if k in names}
         if cls is TrainConfig:
             d.setdefault("class_template", False)  # runs saved before the option existed were built without it
         return cls(**d)
+
+
+def section(f: dataclasses.Field) -> str:
+    """The recipe / config.json section of a config field: its group header, e.g. "image flow" -> image_flow."""
+    return f.metadata["group"].replace(" ", "_")
+
+
+def flatten(d: dict, cls=TrainConfig) -> dict:
+    """{section: {option: value}} -> {option: value}; a flat dict (config.json before sections) is returned as is."""
+    names = {section(f) for f in dataclasses.fields(cls)}
+    if d and all(k in names and isinstance(v, dict) for k, v in d.items()):
+        return {k: v for group in d.values() for k, v in group.items()}
+    return dict(d)
 
 
 def add_arguments(parser: argparse.ArgumentParser, cls=TrainConfig) -> None:
@@ -268,11 +293,9 @@ def add_arguments(parser: argparse.ArgumentParser, cls=TrainConfig) -> None:
         meta = f.metadata
         group = groups.setdefault(meta["group"], parser.add_argument_group(meta["group"]))
         flag = "--" + f.name.replace("_", "-")
-        if f.type in (bool, "bool") and f.default is True:
-            group.add_argument(flag, action=argparse.BooleanOptionalAction, default=True,
-                               help=f"{meta['help']} (default: on; --no-{flag[2:]} turns it off)")
-        elif f.type in (bool, "bool"):
-            group.add_argument(flag, action="store_true", help=meta["help"])
+        if f.type in (bool, "bool"):  # --x / --no-x: a recipe may have turned it either way
+            group.add_argument(flag, action=argparse.BooleanOptionalAction, default=f.default,
+                               help=f"{meta['help']} (default: {'on' if f.default else 'off'})")
         elif isinstance(f.default, tuple):  # e.g. UNet channels: --block-out-channels 32 64 96
             kind = type(f.default[0])
             conv = (lambda v: v.lower() in ("1", "true", "yes")) if kind is bool else kind
@@ -291,3 +314,18 @@ def from_args(args: argparse.Namespace, cls=TrainConfig):
     kw = {f.name: getattr(args, f.name) for f in dataclasses.fields(cls)}
     return cls(**{f.name: tuple(kw[f.name]) if isinstance(f.default, tuple) else kw[f.name]
                   for f in dataclasses.fields(cls)})
+
+
+def explicit_args(parser: argparse.ArgumentParser, argv: list[str] | None = None, cls=TrainConfig) -> dict:
+    """The options given on the command line, {field: value}, without any default: argv parsed again with
+    every default suppressed (what aps.recipe layers over a recipe and a resumed run)."""
+    saved = [(action, action.default) for action in parser._actions]
+    try:
+        for action, _ in saved:
+            action.default = argparse.SUPPRESS
+        given = vars(parser.parse_args(argv))
+    finally:
+        for action, default in saved:
+            action.default = default
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    return {k: tuple(v) if isinstance(fields[k].default, tuple) else v for k, v in given.items() if k in fields}

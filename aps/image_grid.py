@@ -73,6 +73,51 @@ def posterior_grid(operator, y, samples, x_true=None, n_show: int = 6, pad: int 
     return out[..., 0] if c == 1 else out
 
 
+def enlarge(image: np.ndarray, tile: int, at_least: int = 128) -> np.ndarray:
+    """A grid scaled up by an integer factor, nearest neighbour (pixels stay pixels), so that a tile of `tile`
+    pixels (one digit) is at least `at_least` pixels wide on screen."""
+    k = max(1, -(-at_least // tile))
+    return image.repeat(k, axis=0).repeat(k, axis=1)
+
+
+def posterior_figure(y_images, samples, x_true, path, level: float = 0.9, rows: int = 8) -> Path:
+    """A figure (matplotlib; PNG, PDF or SVG by the suffix of `path`) of the first `rows` measurements, one per
+    row: measurement | truth | posterior mean | std | width of the central `level` credible interval.
+
+    y_images (B, C, H, W) pictures of y (measurement_image), samples (B, n, C, H, W), x_true (B, C, H, W) or None;
+    images in [-1, 1], shown on that scale; std and interval width on a shared colour scale per column."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    samples = samples[:rows].detach().float().cpu()
+    lo, hi = torch.quantile(samples.flatten(2), torch.tensor([(1 - level) / 2, (1 + level) / 2]), dim=1)
+    shape = samples.shape[2:]
+    cols = [("measurement", y_images[:rows], "gray", (-1, 1)), ("truth", x_true, "gray", (-1, 1)),
+            ("posterior mean", samples.mean(1), "gray", (-1, 1)), ("posterior std", samples.std(1), "magma", None),
+            (f"{level:.0%} interval width", (hi - lo).reshape(len(samples), *shape), "magma", None)]
+    cols = [c for c in cols if c[1] is not None]
+    b = len(samples)
+    fig, axes = plt.subplots(b, len(cols), figsize=(2.0 * len(cols) + 1, 2.0 * b), squeeze=False, layout="constrained")
+    for j, (title, images, cmap, limits) in enumerate(cols):
+        images = images.detach().float().cpu().mean(1)  # (B, H, W): channels averaged for the maps
+        vmin, vmax = limits or (0.0, float(images.max()))
+        for i in range(b):
+            ax = axes[i, j]
+            shown = ax.imshow(images[i].numpy(), cmap=cmap, vmin=vmin, vmax=vmax, interpolation="nearest")
+            ax.set_xticks([]), ax.set_yticks([])
+            if i == 0:
+                ax.set_title(title, fontsize=9)
+        if limits is None:
+            fig.colorbar(shown, ax=axes[:, j].tolist(), shrink=0.8)
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path
+
+
 def save_png(image: np.ndarray, path) -> Path:
     """Write a uint8 (H, W) or (H, W, 3) array as PNG."""
     from PIL import Image

@@ -62,7 +62,7 @@ class PosteriorSampler:
             raise ApsError(f"the number of samples must be at least 1, got {n}")
         if chunk < 1:
             raise ApsError(f"the chunk must be at least 1, got {chunk}")
-        bar = tqdm(total=len(y) * n, disable=not progress, desc="sampling", unit_scale=True)
+        bar = tqdm(total=len(y) * n, disable=not progress, desc="sampling", unit="sample", unit_scale=True)
         if n <= min(chunk, BLOCK):  # whole measurements per forward pass
             per = max(1, chunk // n)
             for start in range(0, len(y), per):
@@ -145,13 +145,15 @@ class RunningMoments:
 
 
 def load(path: str | Path, device: str | torch.device = "cpu", prior=None, operator=None) -> PosteriorSampler:
-    """Load a trained flow checkpoint folder (what train.py writes) as a PosteriorSampler.
+    """Load a trained flow checkpoint folder (what train.py writes), or a hub id `owner/name`, as a PosteriorSampler.
 
     prior (a folder or DiffusersPrior) and operator (an Operator) are optional and only checked: they
     must be the ones the flow was trained for (ApsError otherwise). An image checkpoint's prior is loaded
     only when something asks for it; the operator is rebuilt from the checkpoint's config.
     """
-    path = Path(path)
+    from .hub import local_folder
+
+    path = local_folder(path)  # a folder, or a hub id's cached snapshot
     flow, meta = load_flow(path)
     task = load_task(path, meta.get("task", {}), prior=prior, operator=operator)
     task.attach(flow)

@@ -19,7 +19,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from . import objective
-from .checkpoint import CONFIG, build_flow, load_flow, read_config, save_checkpoint
+from .checkpoint import build_flow, load_flow, read_config, save_checkpoint
 from .config import TrainConfig
 from .errors import ApsError
 from .graph_step import GraphedStep
@@ -77,26 +77,15 @@ def lr_factor(cfg: TrainConfig, step: int, progress: float) -> float:
 
 
 def resolve_config(cfg: TrainConfig) -> TrainConfig:
-    """On --resume, architecture and task fields come from the saved config, not the command line.
+    """cfg validated; on --resume also checked against the run's saved config (aps.recipe.resume_changes: the task,
+    architecture, seed and EMA on/off cannot change). `cfg` is the whole config: aps.recipe.resolve layers the
+    options a command line gives over the saved run (train.py does), and so does TrainConfig.from_dict of
+    aps.recipe.saved_config(out) with the fields to change set."""
+    if cfg.resume:
+        from .recipe import resume_changes, saved_config
 
-    A task field given on the command line that differs from the saved one (another prior, operator
-    or problem) is an error rather than silently ignored.
-    """
-    saved = Path(cfg.out) / CONFIG
-    if not cfg.resume:
-        return cfg.validate()
-    if not saved.is_file():
-        raise ApsError(f"--resume: no run to resume in {cfg.out} (no {CONFIG})")
-    old = TrainConfig.from_dict(read_config(cfg.out)["train"])
-    default = TrainConfig()
-    for name in TrainConfig.TASK_FIELDS:
-        given, kept = getattr(cfg, name), getattr(old, name)
-        if given != getattr(default, name) and given != kept:
-            raise ApsError(f"--resume: the run in {cfg.out} was trained with --{name.replace('_', '-')} {kept!r}, "
-                           f"not {given!r}")
-    merged = cfg.to_dict()
-    merged.update({k: getattr(old, k) for k in TrainConfig.ARCH_FIELDS})
-    return TrainConfig.from_dict(merged).validate()
+        resume_changes(saved_config(cfg.out), cfg, cfg.out)
+    return cfg.validate()
 
 
 def _init_from(flow, task, folder) -> None:
@@ -307,7 +296,7 @@ def _train(cfg: TrainConfig, accelerator, lock: RunLock, callback) -> Path:
             raise ApsError(f"--resume: the prior or operator changed since the run in {out} started "
                            f"(saved task {json.dumps(saved)}, now {json.dumps(task.config())})")
     flow = task.make_flow(cfg)
-    if cfg.init_from:
+    if cfg.init_from and not cfg.resume:  # a resumed run keeps its init_from as a record only
         _init_from(flow, task, cfg.init_from)
     ema = EMA(flow, cfg.ema_decay) if cfg.ema_decay > 0 else None
     if ema is not None:
@@ -345,7 +334,7 @@ def _train(cfg: TrainConfig, accelerator, lock: RunLock, callback) -> Path:
         start, seconds_before = _load_state(accelerator, out, accelerator.unwrap_model(model).flow, ema, opt)
         if accelerator.is_main_process and read_config(out).get("step") != start:
             # killed between the flow and its training state: the flow goes back to the state
-            save_checkpoint(out, shipped_flow(), task.config(), cfg.to_dict(), start, seconds=seconds_before)
+            save_checkpoint(out, shipped_flow(), task.config(), cfg.to_groups(), start, seconds=seconds_before)
     accelerator.init_trackers("aps", config={k: v for k, v in cfg.to_dict().items() if isinstance(v, (int, float, str))
                                              and not isinstance(v, bool)})
     last_saved = start if cfg.resume else None
@@ -363,7 +352,7 @@ def _train(cfg: TrainConfig, accelerator, lock: RunLock, callback) -> Path:
                 task.save(out)  # the files the task refers to (the mixture problem), with the first save
             # the flow first: a kill before the state is complete leaves the previous state, which --resume
             # takes (and writes the flow of) again
-            save_checkpoint(out, shipped_flow(), task.config(), cfg.to_dict(), step, seconds=seconds)
+            save_checkpoint(out, shipped_flow(), task.config(), cfg.to_groups(), step, seconds=seconds)
             extra = {"seconds": seconds, "scaler": accelerator.scaler.state_dict() if accelerator.scaler else None}
             write_state(out, step, {"model": accelerator.unwrap_model(model).flow, "ema": ema}, opt, rngs, extra,
                         cfg.keep)
@@ -381,6 +370,7 @@ def _train(cfg: TrainConfig, accelerator, lock: RunLock, callback) -> Path:
     def run_seconds():
         return elapsed(accelerator, t_start)
 
+    logs = {}  # the last logged terms, for the model card
     bar = tqdm(range(start, cfg.steps), initial=start, total=cfg.steps, disable=not accelerator.is_main_process)
     for step in bar:
         # Progress drives the LR decay and tempering: the step count, or the time budget if it runs out first
@@ -433,6 +423,10 @@ def _train(cfg: TrainConfig, accelerator, lock: RunLock, callback) -> Path:
             break
     if accelerator.is_main_process and cfg.sample_every:
         _log_preview(accelerator, task, shipped_flow(), out, done)
+    if accelerator.is_main_process:
+        from .card import write_card
+
+        write_card(out, metrics=logs)  # README.md: recipe, command, task, steps, time, terms, sample grid
     accelerator.end_training()
     return out
 
@@ -498,8 +492,11 @@ def _log_preview(accelerator, task, flow, out: Path, step: int) -> None:
 
 
 def dry_run(cfg: TrainConfig) -> str:
-    """The resolved config as JSON (what --dry-run prints)."""
-    return json.dumps(resolve_config(cfg).to_dict(), indent=1)
+    """The config as recipe TOML, grouped by section (train.py --dry-run prints aps.recipe.describe instead,
+    which also says where each value came from)."""
+    from .recipe import to_toml
+
+    return to_toml(resolve_config(cfg))
 
 
 __all__ = ["APSModel", "train", "make_flow", "resolve_config", "dry_run", "load_flow", "build_flow"]

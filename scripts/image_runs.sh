@@ -4,7 +4,8 @@
 #     SECONDS_PER_FLOW=450 OUT_DIR=runs/image bash scripts/image_runs.sh scripts/image_runs/shipped.txt
 #
 # The spec file has one run per line, `NAME train.py-arguments...` ('#' starts a comment); each run's arguments
-# are added after the common ones below (the shipped recipe: hybrid objective, batch 64, bf16, EMA), so a line
+# are added after the common ones below (the hybrid objective at APS weight 1, batch 64, bf16, EMA, over train.py's
+# default image recipe), so a line
 # may override any of them (argparse keeps the last value). Runs write OUT_DIR/NAME; then
 # `benchmark.py RUN --solvers aps` scores every run on 200 held-out digits x 100 samples into OUT_DIR/NAME/benchmark/.
 #
@@ -21,7 +22,7 @@ BATCH=${BATCH_SIZE:-64}
 OUT=${OUT_DIR:-runs/image}
 mkdir -p "$OUT"
 COMMON=(--prior checkpoints/mnist-prior --data mnist --steps 100000 --max-seconds "$BUDGET" --stop-after "${STOP_AFTER:-0}"
-        --batch-size "$BATCH" --n-z 2 --n-elbo 2 --fkl-weight 1 --temper-start 0.3 --temper-frac 0.3
+        --batch-size "$BATCH" --n-z 2 --n-elbo 2 --aps-weight 1 --fkl-weight 1 --temper-start 0.3 --temper-frac 0.3
         --lr 5e-4 --warmup 100 --mixed-precision bf16 --ema-decay 0.999 --keep 1
         --checkpoint-every 1000000 --log-every 100 --sample-every 1000)
 names=() pids=()

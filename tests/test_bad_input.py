@@ -114,7 +114,7 @@ TRAIN = [
     ("--mcgdiff 2,1,0 --likelihood-weight 0", "--likelihood-weight"),
     ("--mcgdiff 2,1,0 --aps-weight 0 --fkl-weight 0", "nothing to train"),
     ("--mcgdiff 2,1,0 --flow-tail-bound 0", "--flow-tail-bound"),
-    ("--mcgdiff 2,1,0 --flow-base-gate", "--flow-base-gate"),
+    ("--mcgdiff 2,1,0 --flow-base-components 0 --flow-base-gate", "--flow-base-gate"),
     ("--mcgdiff 2,1,0 --nonfinite maybe", "--nonfinite"),
     ("--resume --overwrite --out W/mix", "--overwrite"),
     ("--mcgdiff 2,1,0 --op-arg factor=2", "--op-arg"),

@@ -23,10 +23,17 @@ def test_train_writes_a_checkpoint_and_resume_continues(trained, tmp_path):
     meta = json.loads((trained / "config.json").read_text())
     assert meta["format"] == "aps-flow" and meta["step"] == 6 and meta["flow"]["type"] == "vector"
     assert (trained / "flow.safetensors").is_file() and (trained / "problem.safetensors").is_file()
+    card = (trained / "README.md").read_text()  # the model card: hub metadata, recipe, command, steps
+    import yaml
+    assert yaml.safe_load(card.split("---")[1])["library_name"] == "aps"
+    assert "Recipe: `mixture-gated`. 6 steps" in card and "train.py --mcgdiff 2,1,0 --out" in card
     before = load_file(trained / "flow.safetensors")
-    # resume: architecture comes from the checkpoint even if the command line says otherwise
-    proc = run("train.py", "--out", trained, "--resume", *TINY[:-1], "--steps", "9", "--flow-hidden", "99", "--cpu")
+    # resume: the architecture is the checkpoint's; another one on the command line is refused, the same one is fine
+    proc = run("train.py", "--out", trained, "--resume", "--steps", "9", "--flow-hidden", "99")
+    assert_one_line_error(proc, "train.py", "--flow-hidden 16")
+    proc = run("train.py", "--out", trained, "--resume", *TINY[:-1], "--steps", "9", "--flow-hidden", "16", "--cpu")
     assert proc.returncode == 0, proc.stderr
+    assert "resume: --steps 6 -> 9" in proc.stderr
     meta = json.loads((trained / "config.json").read_text())
     assert meta["step"] == 9 and meta["flow"]["hidden"] == 16
     after = load_file(trained / "flow.safetensors")
@@ -62,6 +69,8 @@ def test_python_api(trained):
     (["--n", "0", "--y", "1"], "at least 1"),
     (["--y-file", "missing.npz"], "not found"),
     (["--y", "1", "--out", "x.txt"], ".safetensors or .npz"),
+    (["--y", "1", "--figure", "x.txt"], ".png, .pdf or .svg"),
+    (["--y", "1", "--figure", "f.png"], "needs an image checkpoint"),
 ])
 def test_sample_bad_input(trained, tmp_path, args, needle):
     args = [a if a != "x.txt" else tmp_path / "x.txt" for a in args]

@@ -80,14 +80,17 @@ def test_train_writes_an_image_checkpoint(trained, prior):
     assert task["kind"] == "image" and task["data"] == "digits8" and task["prior"]["path"] == str(prior)
     assert task["operator"] == {"name": "sr", "image_shape": [1, 8, 8], "sigma_y": 0.05, "factor": 2}
     assert (trained / "samples" / "step_0000002.png").is_file()
+    card = (trained / "README.md").read_text()  # the model card shows the last grid and names the prior's weights
+    assert (trained / "samples.png").is_file() and "](samples.png)" in card and task["prior"]["fingerprint"] in card
     assert list((trained / "logs").rglob("events.out.tfevents*"))
 
 
 def test_resume_continues_the_same_run(trained, tmp_path):
     before = load_file(trained / "flow.safetensors")
-    # architecture comes from the checkpoint even if the command line says otherwise
-    proc = run("train.py", "--out", trained, "--resume", "--steps", "4", *TINY[:-len(TINY_FLOW)],
-               "--glow-hidden", "99")
+    # architecture comes from the checkpoint: another one on the command line is refused
+    assert_one_line_error(run("train.py", "--out", trained, "--resume", "--glow-hidden", "99"), "train.py",
+                          "--glow-hidden 8")
+    proc = run("train.py", "--out", trained, "--resume", "--steps", "4")  # every other option as the run had it
     assert proc.returncode == 0, proc.stderr
     meta = json.loads((trained / "config.json").read_text())
     assert meta["step"] == 4 and meta["flow"]["hidden_channels"] == 8
@@ -96,13 +99,16 @@ def test_resume_continues_the_same_run(trained, tmp_path):
     kept = sorted(p.name for p in (trained / "checkpoints").iterdir())
     assert kept == ["step_0000002", "step_0000004"]  # saved at steps 2 and 4; --keep 2
     proc = run("train.py", "--out", trained, "--resume", "--operator", "denoise", "--cpu")
-    assert_one_line_error(proc, "train.py", "--operator 'sr'")
+    assert_one_line_error(proc, "train.py", '--operator "sr"')
 
 
 def test_sample_heldout_and_png(trained, tmp_path):
     out = tmp_path / "s.safetensors"
-    proc = run("sample.py", trained, "--heldout", "0:3", "--n", "40", "--show", "4", "--out", out)
+    proc = run("sample.py", trained, "--heldout", "0:3", "--n", "40", "--show", "4", "--out", out,
+               "--figure", tmp_path / "fig.png")
     assert proc.returncode == 0, proc.stderr
+    assert "sample/s" in proc.stderr  # progress counts samples, with a rate
+    assert (tmp_path / "fig.png").stat().st_size > 1000
     t = load_file(out)
     assert t["samples"].shape == (3, 40, 1, 8, 8) and t["mean"].shape == (3, 1, 8, 8) and t["std"].shape == (3, 1, 8, 8)
     assert t["x_true"].shape == (3, 1, 8, 8) and t["y"].shape == (3, 1, 4, 4) and t["labels"].shape == (3,)
@@ -110,7 +116,8 @@ def test_sample_heldout_and_png(trained, tmp_path):
     pngs = sorted((tmp_path / "s_png").glob("*.png"))
     assert [p.name for p in pngs] == ["heldout00000.png", "heldout00001.png", "heldout00002.png"]  # by held-out index
     from PIL import Image
-    assert Image.open(pngs[0]).size == (8 * 10, 10)  # measurement, 4 samples, mean, std, truth: 8 tiles of 8+2
+    # measurement, 4 samples, mean, std, truth: 8 tiles of 8+2 pixels, scaled 16x (nearest) so a digit is 128 pixels
+    assert Image.open(pngs[0]).size == (8 * 10 * 16, 10 * 16)
 
     # the same measurements as a PNG give a checkpoint-shaped y; the python API agrees with the file
     import aps
@@ -353,8 +360,9 @@ def test_init_from_starts_a_new_run_at_a_checkpoints_weights(tmp_path):
 
 def test_stronger_image_flow_options_train_and_resume_from_the_checkpoint(prior, tmp_path):
     """The encoder blocks, coupling blocks, attention and TarFlow options train (APS + forward KL: both directions
-    of every block), are saved with the flow, and on --resume come from the checkpoint, not the command line."""
+    of every block), are saved with the flow, come back on --resume, and a change of them on resume is refused."""
     from aps.config import TrainConfig
+    from aps.errors import ApsError
     from aps.training import train
 
     arch = dict(glow_enc_blocks=1, glow_blocks=1, glow_attention=1, glow_tarflow=2, glow_tarflow_width=8,
@@ -366,7 +374,11 @@ def test_stronger_image_flow_options_train_and_resume_from_the_checkpoint(prior,
     flow = json.loads((tmp_path / "run" / "config.json").read_text())["flow"]
     assert (flow["encoder_blocks"], flow["coupling_blocks"], flow["attention_levels"], flow["tarflow_blocks"]) == (1, 1, 1, 2)
     reset_accelerate()
-    train(TrainConfig(**{**cfg.to_dict(), "resume": True, "steps": 3, "glow_tarflow": 0, "glow_blocks": 3}))
+    with pytest.raises(ApsError, match="cannot change"):
+        train(TrainConfig(**{**cfg.to_dict(), "resume": True, "steps": 3, "glow_tarflow": 0, "glow_blocks": 3}))
+    reset_accelerate()
+    train(TrainConfig(**{**cfg.to_dict(), "resume": True, "steps": 3}))
     meta = json.loads((tmp_path / "run" / "config.json").read_text())
     assert meta["step"] == 3 and meta["flow"] == flow
-    assert all(meta["train"][k] == v for k, v in arch.items())
+    saved = TrainConfig.from_dict(meta["train"])
+    assert all(getattr(saved, k) == v for k, v in arch.items())

@@ -160,7 +160,7 @@ def test_train_py_with_a_mixture_base(tmp_path):
                "--fkl-weight", "1", "--checkpoint-every", "3", "--log-every", "3", "--cpu")
     assert proc.returncode == 0, proc.stderr
     meta = json.loads((out / "config.json").read_text())
-    assert meta["flow"]["base_components"] == K and meta["train"]["flow_base_components"] == K
+    assert meta["flow"]["base_components"] == K and meta["train"]["flow"]["flow_base_components"] == K
     x, log_q = aps.load(out).sample(torch.tensor([[0.5], [-1.0]]), 20)
     assert x.shape == (2, 20, 2) and torch.isfinite(log_q).all()
 
@@ -269,5 +269,6 @@ def test_gated_checkpoint_round_trip_and_train_py(tmp_path):
     assert proc.returncode == 0, proc.stderr
     x, log_q = aps.load(out).sample(torch.tensor([[0.5]]), 10)
     assert x.shape == (1, 10, 2) and torch.isfinite(log_q).all()
-    bad = run("train.py", "--mcgdiff", "2,1,0", "--out", tmp_path / "bad", "--flow-base-gate", "--cpu")
+    bad = run("train.py", "--mcgdiff", "2,1,0", "--out", tmp_path / "bad", "--flow-base-gate",
+                "--flow-base-components", "0", "--cpu")
     assert bad.returncode == 2 and "needs a mixture base" in bad.stderr and "Traceback" not in bad.stderr

@@ -95,3 +95,54 @@ class ConditionalFlow(nn.Module):
     def config(self) -> dict:
         """The constructor arguments (JSON-able): enough to rebuild the flow before loading weights."""
         raise NotImplementedError
+
+    # -- the Hugging Face hub's verbs (the layout is aps.checkpoint's; aps.hub resolves hub ids)
+    COMPANIONS = ("problem.safetensors", "README.md", "samples.png")  # carried along by save_pretrained
+
+    @classmethod
+    def from_pretrained(cls, name_or_path, revision: str | None = None, cache_dir: str | None = None,
+                        device="cpu") -> "ConditionalFlow":
+        """A trained flow, in eval mode, from a checkpoint folder or a hub id `owner/name` (its snapshot in the hub
+        cache, downloaded once). `flow.meta` is its config.json (task, training config, step); aps.load(same) gives
+        the flow with its operator and prior as a sampler."""
+        from ..checkpoint import load_flow
+        from ..errors import ApsError
+        from ..hub import local_folder
+
+        folder = local_folder(name_or_path, revision=revision, cache_dir=cache_dir)
+        flow, meta = load_flow(folder, map_location=str(device))
+        if not isinstance(flow, cls):
+            raise ApsError(f"{name_or_path} holds a {type(flow).__name__}, not a {cls.__name__}")
+        flow.meta, flow.folder = meta, folder
+        return flow
+
+    def save_pretrained(self, folder) -> None:
+        """Write the flow as a checkpoint folder (flow.safetensors, config.json with the task and training config it
+        was loaded with) that from_pretrained, aps.load and sample.py read; the files beside the weights it was
+        loaded from (mixture problem, model card, sample grid) are copied along."""
+        import shutil
+        from pathlib import Path
+
+        from ..checkpoint import save_checkpoint
+
+        meta = getattr(self, "meta", None) or {}
+        source = getattr(self, "folder", None)
+        Path(folder).mkdir(parents=True, exist_ok=True)
+        # the companions first: the weights' fingerprint covers the task's files (a mixture problem)
+        for name in self.COMPANIONS if source is not None else ():
+            if (Path(source) / name).is_file() and Path(source).resolve() != Path(folder).resolve():
+                shutil.copyfile(Path(source) / name, Path(folder) / name)
+        save_checkpoint(folder, self, meta.get("task", {}), meta.get("train", {}), meta.get("step", 0),
+                        seconds=meta.get("train_seconds"))
+
+    def push_to_hub(self, repo_id: str, private: bool | None = None, token: str | None = None,
+                    commit_message: str = "Upload an aps flow", revision: str | None = None):
+        """save_pretrained into a temporary folder and upload it to hub repo `repo_id` (created if missing)."""
+        import tempfile
+
+        from ..hub import push_folder
+
+        with tempfile.TemporaryDirectory() as tmp:
+            self.save_pretrained(tmp)
+            return push_folder(tmp, repo_id, private=private, token=token, commit_message=commit_message,
+                               revision=revision)

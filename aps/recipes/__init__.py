@@ -1,1 +1,3 @@
-"""Training recipes for the pieces aps ships (the frozen priors): configs and reusable steps, no loops."""
+"""Training recipes for what aps ships. The *.toml files are train.py's recipes (aps.recipe reads them: one per
+shipped flow, the gated mixture recipe, and defaults.toml, which names the default per task kind); prior.py and
+prior_eval.py hold the frozen priors' recipes: configs and reusable steps, no loops."""

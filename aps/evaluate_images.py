@@ -96,6 +96,17 @@ def score_image_samples(x: torch.Tensor, x_true: torch.Tensor, y: torch.Tensor, 
     return {key: v.double().cpu() for key, v in row.items()}
 
 
+@torch.no_grad()
+def classifier_features(net, x: torch.Tensor, batch: int = 2048) -> torch.Tensor:
+    """Features of images x (N, C, H, W) for a Frechet distance: a SmallCNN's last conv stage averaged over
+    space, (N, channels) float64 (the pooled features the way FID pools Inception's; a few dozen dimensions, so
+    a few hundred images estimate their covariance)."""
+    param = next(net.parameters())
+    out = [net.features(x[i:i + batch].to(param.device, param.dtype)).mean((-2, -1)).double().cpu()
+           for i in range(0, len(x), batch)]
+    return torch.cat(out)
+
+
 def pixel_regions(samples: torch.Tensor, operator=None, stroke_threshold: float = -0.9) -> dict:
     """Pixel sets chosen from y alone, each (B, P) bool: "stroke" = pixels whose posterior mean (a function of y,
     through the sampler) exceeds `stroke_threshold` (MNIST: ink is > -1), "background" = the rest; for a fixed-mask

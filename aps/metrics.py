@@ -89,3 +89,21 @@ def summarize(values) -> dict:
     """Mean, median and max of per-measurement numbers (a list or 1-D tensor)."""
     v = np.asarray(torch.as_tensor(values, dtype=torch.float64).cpu())
     return {"mean": float(v.mean()), "median": float(np.median(v)), "max": float(v.max())}
+
+
+def frechet_distance(a: torch.Tensor, b: torch.Tensor) -> float:
+    """Frechet distance between Gaussians fitted to feature sets a (n, k) and b (m, k) (Heusel et al. 2017's FID
+    formula, here on a classifier's features): ||mu_a - mu_b||^2 + tr(S_a + S_b - 2 (S_a^1/2 S_b S_a^1/2)^1/2).
+
+    The matrix square root is taken through symmetric eigendecompositions in float64 (S_a^1/2 S_b S_a^1/2 is
+    symmetric positive semi-definite, so its trace root is the sum of the roots of its eigenvalues)."""
+    a, b = a.detach().double().reshape(len(a), -1), b.detach().double().reshape(len(b), -1).to(a.device)
+    if a.shape[1] != b.shape[1] or len(a) < 2 or len(b) < 2:
+        raise ValueError(f"frechet_distance needs two sets of >= 2 feature rows of one width, got "
+                         f"{tuple(a.shape)} and {tuple(b.shape)}")
+    mu_a, mu_b = a.mean(0), b.mean(0)
+    s_a, s_b = torch.cov(a.T).reshape(a.shape[1], -1), torch.cov(b.T).reshape(b.shape[1], -1)
+    w, v = torch.linalg.eigh(s_a)
+    root_a = (v * w.clamp_min(0).sqrt()) @ v.T
+    cross = torch.linalg.eigvalsh(root_a @ s_b @ root_a).clamp_min(0).sqrt().sum()
+    return float((mu_a - mu_b).pow(2).sum() + s_a.trace() + s_b.trace() - 2 * cross)

@@ -63,3 +63,33 @@ def test_dequantised_coverage_scores_a_point_mass_posterior_at_its_level():
     assert abs(float(scores["coverage90_dequantised"].mean()) - 0.9) < 0.02
     del sampler.task  # a task without grey levels (a mixture problem): no dequantised score
     assert "coverage90_dequantised" not in score_posterior(sampler, truth[:3], truth[:3], n_samples=50)
+
+
+def test_frechet_distance_matches_the_closed_form_of_two_gaussians():
+    """Diagonal Gaussians: FD = |mu_a - mu_b|^2 + sum (sd_a - sd_b)^2; a set against itself is 0."""
+    from aps.metrics import frechet_distance
+
+    g = torch.Generator().manual_seed(0)
+    sd_a, sd_b = torch.tensor([1.0, 2.0, 0.5]), torch.tensor([1.5, 1.0, 0.5])
+    mu_b = torch.tensor([0.3, -1.0, 2.0])
+    a = torch.randn(200_000, 3, generator=g, dtype=torch.float64) * sd_a
+    b = torch.randn(200_000, 3, generator=g, dtype=torch.float64) * sd_b + mu_b
+    exact = float(mu_b.pow(2).sum() + (sd_a - sd_b).pow(2).sum())
+    assert abs(frechet_distance(a, b) - exact) < 0.03 * exact
+    assert abs(frechet_distance(a, a)) < 1e-6
+
+
+def test_classifier_features_rank_real_digits_closer_than_noise():
+    """The judge's pooled features: other real digits are near the digits, blurred noise is far."""
+    from aps.data import load_mnist
+    from aps.evaluate_images import classifier_features
+    from aps.metrics import frechet_distance
+    from aps.operators.classifier import load_classifier
+
+    net, _ = load_classifier("checkpoints/mnist-classifier-heldout")
+    x = load_mnist("test")[:300]
+    f_a, f_b = classifier_features(net, x[:150]), classifier_features(net, x[150:])
+    noise = torch.nn.functional.avg_pool2d(torch.rand(150, 1, 32, 32, generator=torch.Generator().manual_seed(1)),
+                                           3, 1, 1) * 2 - 1
+    assert f_a.shape == (150, net.head.in_features // 16)
+    assert frechet_distance(f_a, f_b) < 0.2 * frechet_distance(classifier_features(net, noise), f_b)

@@ -209,7 +209,8 @@ def test_measurements_only_trains_the_aps_term_on_those_y(prior_folder, tmp_path
 def test_train_py_with_measurements_only(prior_folder, tmp_path):
     y_file = tmp_path / "y.safetensors"
     save_file({"y": torch.randn(6, 1, 8, 8)}, str(y_file))
-    proc = run("train.py", "--prior", prior_folder, *TRAIN, "--measurements", y_file, "--out", tmp_path / "m")
+    proc = run("train.py", "--prior", prior_folder, *TRAIN, "--measurements", y_file, "--fkl-weight", "0",
+               "--aps-weight", "1", "--out", tmp_path / "m")
     assert proc.returncode == 0, proc.stderr
     task = json.loads((tmp_path / "m" / "config.json").read_text())["task"]
     assert task["measurements"]["n"] == 6 and (tmp_path / "m" / "samples").is_dir()
@@ -239,7 +240,7 @@ def test_measurements_nonsense_is_refused(prior_folder, tmp_path):
 def test_measurements_with_forward_kl_but_no_pairs_is_one_line(prior_folder, tmp_path):
     y_file = tmp_path / "y.safetensors"
     save_file({"y": torch.randn(3, 1, 8, 8)}, str(y_file))
-    proc = run("train.py", "--prior", prior_folder, *TRAIN, "--measurements", y_file, "--fkl-weight", "1",
+    proc = run("train.py", "--prior", prior_folder, *TRAIN, "--measurements", y_file, "--fkl-weight", "1", "--aps-weight", "1",
                "--out", tmp_path / "x")
     assert_one_line_error(proc, "train.py", "--data prior")
     assert not (tmp_path / "x").exists()

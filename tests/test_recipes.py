@@ -48,7 +48,8 @@ def test_defaults_are_the_recipe_of_the_tasks_kind():
     assert mixture.cfg.recipe == "mixture-gated" and mixture.cfg.flow_base_gate and mixture.cfg.flow_base_components == 25
     assert mixture.source["flow_base_gate"] == "recipe mixture-gated"
     image = resolve({"prior": "p", "operator": "sr", "op_arg": ["factor=4"]})
-    assert image.cfg.recipe == "image-calibrated" and image.cfg.aps_weight == 0.001 and image.cfg.fkl_weight == 1
+    assert image.cfg.recipe == "image-wide" and image.cfg.aps_weight == 0 and image.cfg.fkl_weight == 1
+    assert image.cfg.glow_hidden == 160 and image.cfg.lr == 1e-3 and image.source["glow_hidden"] == "recipe image-wide"
     assert image.cfg.flow_base_components == 0  # the mixture recipe is not applied to images
 
 

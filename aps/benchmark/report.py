@@ -68,6 +68,8 @@ def table(report: dict) -> str:
         head = ["method", "setting", "PSNR mean", "PSNR sample", "SSIM sample",
                 "cov. 0.9 all / " + " / ".join(regions)]
         head += ["class / judge acc."] if is_class else []
+        floor = (report.get("realism_floor") or {}).get("fd")
+        head += ["FD" + (f" (floor {floor:.2f})" if floor is not None else "")]
         head += ["TARP KS", "NFE / sample", "s / sample", "samples/s (batch)"]
         rows = []
         for m in report["methods"]:
@@ -76,6 +78,7 @@ def table(report: dict) -> str:
             row = [m["method"], _setting(m), _mean(s, "psnr_mean", "{:.2f}"), _mean(s, "psnr_sample", "{:.2f}"),
                    _mean(s, "ssim_sample"), cov]
             row += [f"{_mean(s, 'class_accuracy', '{:.2f}')} / {_mean(s, 'judge_accuracy', '{:.2f}')}"] if is_class else []
+            row += [f"{m['realism']['fd']:.2f}" if m.get("realism") else "-"]
             rows.append(row + [_tarp(m), *_cost(m)])
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     lines += ["| " + " | ".join(r) + " |" for r in rows]
@@ -91,5 +94,7 @@ def footer(report: dict) -> str:
             f"{report['date']}. cov. 0.9: the truth's share inside the central 90% interval, from its rank among the "
             f"samples (unbiased for a calibrated sampler at any number of samples, resolution 1/{report['n_samples'] + 1}; "
             "the JSON also has coverage90_* from sample quantiles, which read low with few samples). "
-            "TARP KS ✓: within its 95% Kolmogorov bound.")
+            "TARP KS ✓: within its 95% Kolmogorov bound."
+            + (" FD: Frechet distance of one sample per measurement to other held-out images (unpaired) in the judge "
+               "classifier's pooled features; floor: the scored truths' own distance." if report["kind"] == "image" else ""))
     return text

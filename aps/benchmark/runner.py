@@ -109,6 +109,10 @@ def run_benchmark(cfg: BenchmarkConfig) -> dict:
         x = x if name == "aps" else target.solver_output(x)
         entry = {"method": name, "config": solver.config(), "stats": stats, "tuning": tuning,
                  **target.score(x, x_test, y_test, log_q), "calibration": target.calibration(x, x_test, y_test)}
+        if target.kind == "image":
+            entry["realism"] = target.realism(x, x_test)
+            if "realism_floor" not in report:
+                report["realism_floor"] = target.realism_floor(x_test)
         if name == "aps":
             from ..evaluate_images import throughput
 

@@ -92,10 +92,15 @@ class ImageTarget:
         self.levels = getattr(sampler.task, "levels", None)
         self._prior = None
         self.judge = None
-        if self.is_class and cfg.judge:
+        if cfg.judge:
             from ..operators.classifier import load_classifier
 
-            self.judge = load_classifier(_local(cfg.judge))[0].to(cfg.device).eval()
+            net, net_cfg = load_classifier(_local(cfg.judge))
+            if list(net_cfg["image_shape"]) == list(self.operator.x_shape):  # realism needs it on this image shape
+                self.judge = net.to(cfg.device).eval()
+            elif self.is_class:
+                raise ApsError(f"--judge {cfg.judge}: a classifier of images {net_cfg['image_shape']}, "
+                               f"not {list(self.operator.x_shape)}")
 
     @property
     def device(self):
@@ -135,7 +140,7 @@ class ImageTarget:
 
         # on the operator's device: a classifier operator and the judge score the samples there
         scores = score_image_samples(x.to(self.device), x_true, y.to(self.device), self.operator, levels=self.levels,
-                                     seed=self.cfg.seed, judge=self.judge)
+                                     seed=self.cfg.seed, judge=self.judge if self.is_class else None)
         rows = [{k: float(v[i]) for k, v in scores.items()} for i in range(len(x_true))]
         return {"rows": rows, "summary": summarize_scores(scores)}
 
@@ -149,6 +154,33 @@ class ImageTarget:
         masks = {"all": torch.ones_like(u, dtype=torch.bool), **pixel_regions(x, self.operator)}
         tarp = cal.tarp(x, x_true, seed=self.cfg.seed, references="others", standardise=False)
         return {"coverage": cal.expected_coverage(u, masks), "tarp": tarp}
+
+    def _reference_features(self, n: int):
+        """Judge features of the held-out images n..2n-1 (not scored): the reference set of the Frechet distance."""
+        if getattr(self, "_ref", (None, None))[0] != n:
+            from ..evaluate_images import classifier_features
+            from ..tasks import heldout_images
+
+            others = heldout_images(self.cfg.heldout_data or self.sampler.task.data, self.operator.x_shape)[0][n:2 * n]
+            self._ref = (n, classifier_features(self.judge, others) if len(others) >= 2 else None)
+        return self._ref[1]
+
+    def realism(self, x, x_true) -> dict | None:
+        """Frechet distance, in the judge classifier's pooled features, between one sample per measurement and
+        other held-out images (n..2n-1, unpaired with the measurements, so a sampler cannot score by copying its
+        truth); None without a judge of this image shape. realism_floor is the truths' own distance to that set."""
+        from ..evaluate_images import classifier_features
+        from ..metrics import frechet_distance
+
+        ref = None if self.judge is None else self._reference_features(len(x_true))
+        if ref is None:
+            return None
+        return {"fd": frechet_distance(classifier_features(self.judge, x[:, 0]), ref), "n": len(x_true),
+                "reference": f"held-out images {len(x_true)}..{len(x_true) + len(ref) - 1}"}
+
+    def realism_floor(self, x_true) -> dict | None:
+        """The realism of the scored truths themselves: what a sampler whose samples are real digits reaches."""
+        return self.realism(x_true[:, None], x_true)
 
     def headline(self, summary: dict) -> tuple[str, float]:
         key = "judge_accuracy" if "judge_accuracy" in summary else "psnr_sample"

@@ -1,4 +1,4 @@
-"""The training loop: the only place in aps that knows about accelerate (STYLE.md rule 7).
+"""The training loop: the only place in aps that knows about accelerate (the rest of the library never sees a rank or a process group).
 
 Measurements are made on the fly: x ~ the task's clean data (training images, or samples of an exact
 mixture prior), y = A(x) + sigma_y n (aps.tasks says what a task is). Each step

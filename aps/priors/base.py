@@ -1,7 +1,7 @@
 """The prior interface: a frozen VP diffusion model seen through eps, the denoiser and the ELBO.
 
 Everything that uses a prior (the objective, samplers, comparison solvers) goes through this class;
-nothing else touches schedules or network internals (STYLE.md rule 4).
+nothing else touches schedules or network internals (docs/priors.md).
 """
 from __future__ import annotations
 

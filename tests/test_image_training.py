@@ -254,7 +254,8 @@ def test_shipped_mnist_flows_load_and_sample(op):
 @pytest.mark.parametrize("op", ["denoise", "inpaint_box", "sr"])
 def test_shipped_mnist_flows_are_calibrated_where_the_digit_is(op):
     """The shipped flows' 90% intervals hold ~90% of held-out truth on the stroke pixels (and the inpainting box),
-    not only on the background: before the calibration stages (BENCHMARKS.md, "The reverse-KL weight and calibration") these were 14-33%."""
+    not only on the background: before the calibration stages these were 14-33% (BENCHMARKS.md, "The reverse-KL
+    weight and calibration")."""
     import aps
     from aps.evaluate_images import coverage_by_region
     from aps.sampling import heldout_measurements

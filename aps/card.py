@@ -92,8 +92,8 @@ def write_card(out, metrics: dict | None = None, command: str | None = None) -> 
         lines += [f"| {k} | {v:.4g} |" for k, v in metrics.items()]
     if (out / "samples.png").is_file():
         lines += ["", "## Samples", "", "![posterior samples of fixed training measurements](samples.png)"]
-    lines += ["", "Scores against the truth are not part of training: `scripts/image_benchmark.py` (images) or "
-              "`benchmark.py` / `scripts/mixture_benchmark.py` (mixtures) measure them."]
+    lines += ["", "Scores against the truth are not part of training: `benchmark.py RUN` (images and mixtures) or "
+              "`scripts/mixture_benchmark.py` (mixtures) measure them."]
     card = ModelCard(f"---\n{data.to_yaml()}\n---\n\n" + "\n".join(lines) + "\n")
     card.save(out / CARD)
     return out / CARD

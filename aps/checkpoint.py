@@ -61,7 +61,7 @@ def save_checkpoint(folder: str | Path, flow, task: dict, train: dict, step: int
 
     Each file is written to a temporary name and renamed into place. The weights carry the fingerprint
     of the flow's config and task in their safetensors metadata. seconds: training time so far (all
-    sessions of a resumed run), recorded as "train_seconds".
+    invocations of a resumed run), recorded as "train_seconds".
     """
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)

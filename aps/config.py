@@ -122,9 +122,9 @@ class TrainConfig:
                             "(1+n)/(10+n))", "run")
     max_seconds: float = option(0.0, "stop (saving the flow) after this many seconds of training (0 = no limit); the LR "
                               "decay and tempering then follow whichever of steps or time runs out first", "run")
-    stop_after: float = option(0.0, "end this session after this many seconds, saving the training state, without "
+    stop_after: float = option(0.0, "end this invocation after this many seconds, saving the training state, without "
                              "ending the run: --resume continues it, and the LR decay and tempering keep following "
-                             "--steps / --max-seconds, counted over all sessions (0 = off)", "run")
+                             "--steps / --max-seconds, counted over all invocations (0 = off)", "run")
     resume: bool = option(False, "continue the run in --out from its latest training state", "run")
     overwrite: bool = option(False, "start a new run in --out even if it holds one (deletes that run's files)", "run")
     nonfinite: str = option("stop", "a NaN or inf loss term or gradient: stop (error; the saved states are kept) or "

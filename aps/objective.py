@@ -1,4 +1,4 @@
-"""The APS objective (DESIGN.md), term by term, and nothing else.
+"""The APS objective (docs/objective.md), term by term, and nothing else.
 
 For a measurement y and x = G_phi(z; y), z ~ N(0, I):
 
@@ -51,7 +51,7 @@ def aps_terms(flow, prior, operator, y, n_z: int = 1, n_elbo: int = 1, elbo_samp
 
 
 def aps_loss(terms: dict, beta: float = 1.0, likelihood_weight: float = 1.0) -> torch.Tensor:
-    """Per-sample tempered loss beta * (w nll + prior) + log_q, (B, n); beta = w = 1 is DESIGN.md's loss.
+    """Per-sample tempered loss beta * (w nll + prior) + log_q, (B, n); beta = w = 1 is the APS loss.
 
     w > 1 targets p(x) p(y | x)^w instead of the posterior: the guidance scale of classifier guidance
     (Dhariwal & Nichol 2021), a sharpened posterior, for likelihoods too weak for the flow to follow

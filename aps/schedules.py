@@ -1,7 +1,7 @@
 """VP noise schedules: x_t = alpha_t x + sigma_t eps, alpha_t^2 + sigma_t^2 = 1.
 
 Every schedule is described by its log-SNR lambda(t) = log(alpha_t^2 / sigma_t^2) and knows how to
-draw the (t, weight) pairs of the ELBO's diffusion term (DESIGN.md):
+draw the (t, weight) pairs of the ELBO's diffusion term (docs/objective.md):
 
     1/2 * E_{t, eps}[ w(t) * ||eps - eps_theta(x_t, t)||^2 ]
 
@@ -139,7 +139,7 @@ class ContinuousSchedule(Schedule):
 class DiscreteSchedule(Schedule):
     """Discrete DDPM schedule: timesteps k = 0..T-1 with cumulative products abar_k (diffusers indexing).
 
-    ELBO weights (Ho et al. 2020 with the posterior-variance reverse step; DESIGN.md):
+    ELBO weights (Ho et al. 2020 with the posterior-variance reverse step; docs/objective.md):
     w_k = SNR(k-1)/SNR(k) - 1 for k = 1..T-1; level 0 is the data end of the decoder term.
     """
 

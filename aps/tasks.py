@@ -194,8 +194,8 @@ class ImageTask:
 
         Uniform dequantisation (x + u, u ~ U(-1/2, 1/2) of one grey level; Theis et al. 2016): the
         images sit on a grid (MNIST's background is exactly -1), so -log q(x | y) of the forward-KL term
-        on raw pairs is unbounded below: a flow can pile density on the grid values, and did (the shipped
-        flows of the first session shrank to a pixel std of 0.02 with 80% coverage; the classifier flow
+        on raw pairs is unbounded below: a flow can pile density on the grid values, and did (the first
+        image flows trained without it shrank to a pixel std of 0.02 with 80% coverage; the classifier flow
         with forward-KL weight 10 collapsed to one image). Dequantised pairs have a density.
         """
         if self.images is None:

@@ -166,7 +166,7 @@ def write_state(out: str | Path, step: int, modules: dict, optimizer, rngs: list
     (tmp / "state.json").write_text(json.dumps(meta))
     for f in tmp.iterdir():
         _fsync(f)
-    if final.exists():  # a state of this step from an earlier session: replace it whole
+    if final.exists():  # a state of this step from an earlier invocation: replace it whole
         old = root / f"{TMP}old-{final.name}-{os.getpid()}"
         os.replace(final, old)
         os.replace(tmp, final)

@@ -1,4 +1,4 @@
-"""The training loop: the only place in aps that knows about accelerate (STYLE.md rule 7).
+"""The training loop: the only place in aps that knows about accelerate (the rest of the library never sees a rank or a process group).
 
 Measurements are made on the fly: x ~ the task's clean data (training images, or samples of an exact
 mixture prior), y = A(x) + sigma_y n (aps.tasks says what a task is). Each step
@@ -32,7 +32,7 @@ from .tasks import PROBLEM_FILE, MixtureTask, make_task
 class APSModel(nn.Module):
     """The flow plus the whole loss in one `forward`, so DDP synchronises and autocast covers it all.
 
-    (LIBRARY-NOTES: accelerate wraps only `forward`; calling flow.sample through `.module` would
+    (docs/flows.md: accelerate wraps only `forward`; calling flow.sample through `.module` would
     leave gradients unsynchronised without any error.) Prior and operator are arguments, not
     submodules: they are frozen and must not be wrapped by DDP.
     """
@@ -361,7 +361,7 @@ def _train(cfg: TrainConfig, accelerator, lock: RunLock, callback) -> Path:
         accelerator.wait_for_everyone()
         last_saved = step
 
-    # the run's clock counts every session: a resumed run goes on with its LR decay and tempering
+    # the run's clock counts every invocation: a resumed run goes on with its LR decay and tempering
     t_start, done = time.monotonic() - seconds_before, start
     timed = cfg.max_seconds > 0 or cfg.stop_after > 0
     now = seconds_before  # the run's clock, read once per step (at its end)
@@ -411,13 +411,13 @@ def _train(cfg: TrainConfig, accelerator, lock: RunLock, callback) -> Path:
         # one reading of the run's clock per step (a collective with several processes), only with a time limit
         now = run_seconds() if timed else 0.0
         out_of_time = cfg.max_seconds > 0 and now > cfg.max_seconds
-        session_over = cfg.stop_after > 0 and now - seconds_before > cfg.stop_after
-        if (step + 1) % cfg.checkpoint_every == 0 or step + 1 == cfg.steps or out_of_time or session_over:
+        pause_now = cfg.stop_after > 0 and now - seconds_before > cfg.stop_after
+        if (step + 1) % cfg.checkpoint_every == 0 or step + 1 == cfg.steps or out_of_time or pause_now:
             save(step + 1)
         if out_of_time:
             accelerator.print(f"stopping at step {step + 1}: --max-seconds {cfg.max_seconds} reached")
             break
-        if session_over:
+        if pause_now:
             accelerator.print(f"pausing at step {step + 1}: --stop-after {cfg.stop_after} reached; "
                               f"continue with --resume")
             break

@@ -3,7 +3,7 @@
     python scripts/evaluate_cm.py checkpoints/mnist-cm --prior checkpoints/mnist-prior --out checkpoints/mnist-cm
     python scripts/evaluate_cm.py /tmp/cm --n 8 --ode-steps 4 --device cpu          # smoke
 
-What it measures (issue 6), all on noise the distillation never drew (its own seed):
+What it measures, all on noise the distillation never drew (its own seed):
   * 1-step and 2-step samples drawn by diffusers' own ConsistencyModelPipeline from the saved folder
     (samples-1step.png, samples-2step.png), which shows the folder loads in diffusers; aps's wrapper
     gives the same 1-step images (max abs difference reported).

@@ -11,7 +11,7 @@
 #
 # Why processes side by side: these flows are bound by kernel-launch overhead, not arithmetic, so processes
 # overlap on one GPU (H100, batch 64: 3.5 steps/s alone, 3.3 each with four; H200, by train_step_benchmark.py: 4.8 alone,
-# 4.4-4.6 each with four; 43 ms of GPU work in a 209 ms step: BENCHMARKS.md "Fourth session"). Each run stops at its time budget
+# 4.4-4.6 each with four; 43 ms of GPU work in a 209 ms step: BENCHMARKS.md "Training-step speed"). Each run stops at its time budget
 # (or pauses there with STOP_AFTER, to be continued by `train.py --out OUT_DIR/NAME --resume`); the LR decay and
 # tempering follow the budget. Knobs: SECONDS_PER_FLOW (240), BATCH_SIZE (64), STOP_AFTER (0 = off),
 # THROUGHPUT (1000: the batch size whose samples/s is timed), DEVICE (cuda), N_HELDOUT (200).

@@ -254,7 +254,8 @@ def test_shipped_mnist_flows_load_and_sample(op):
 @pytest.mark.parametrize("op", ["denoise", "inpaint_box", "sr"])
 def test_shipped_mnist_flows_are_calibrated_where_the_digit_is(op):
     """The shipped flows' 90% intervals hold ~90% of held-out truth on the stroke pixels (and the inpainting box),
-    not only on the background: before the calibration stages (BENCHMARKS.md, fifth session) these were 14-33%."""
+    not only on the background: before the calibration stages these were 14-33% (BENCHMARKS.md, "The reverse-KL
+    weight and calibration")."""
     import aps
     from aps.evaluate_images import coverage_by_region
     from aps.sampling import heldout_measurements
@@ -315,7 +316,7 @@ def test_class_statistics_follow_the_operators_labels(tmp_path):
 
 
 def test_stop_after_pauses_and_resume_finishes_with_one_clock(tmp_path):
-    """--stop-after ends a session with the training state saved; --resume goes on and the run's clock adds up."""
+    """--stop-after ends the invocation with the training state saved; --resume goes on and the run's clock adds up."""
     from aps.config import TrainConfig
     from aps.training import train
 

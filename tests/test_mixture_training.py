@@ -40,7 +40,7 @@ def test_small_bimodal_problem_keeps_its_modes(tmp_path):
 
 @pytest.mark.slow
 def test_gated_recipe_on_an_mcgdiff_problem_trains_to_its_exact_posterior(tmp_path):
-    """aps's recipe for vector problems (gated mixture base + forward KL: BENCHMARKS.md "hybrid_gate") on the MCGdiff
+    """aps's recipe for vector problems (gated mixture base + forward KL: BENCHMARKS.md "Mixtures (exact posteriors)") on the MCGdiff
     d = 2 benchmark problem (25 components, 2-3 modes per held-out y), briefly: the base fitted to prior draws is the
     start, and training must bring it to the d = 2 targets' neighbourhood (TV <= 0.1, KL well below the start)."""
     steps = 600

@@ -215,8 +215,8 @@ def test_no_torch_load_or_pickle_in_the_library():
 
 # -- crash-safe states ----------------------------------------------------------------------------
 
-def _session(cfg_dict, kill_at, events, reached):
-    """A training session in a forked child that SIGKILLs itself at its kill_at-th event (0: never).
+def _attempt(cfg_dict, kill_at, events, reached):
+    """A training attempt in a forked child that SIGKILLs itself at its kill_at-th event (0: never).
 
     Events: each optimizer step, each safetensors file about to be written and just written, and each
     rename about to happen and just done, so kills land between steps and at every point inside a save."""
@@ -250,10 +250,10 @@ def _session(cfg_dict, kill_at, events, reached):
     train(TrainConfig(**cfg_dict), callback=step_done)
 
 
-def _run_session(cfg: TrainConfig, kill_at: int) -> tuple[int, int]:
+def _run_attempt(cfg: TrainConfig, kill_at: int) -> tuple[int, int]:
     ctx = multiprocessing.get_context("fork")
     events, reached = ctx.Value("i", 0), ctx.Value("i", 0)
-    p = ctx.Process(target=_session, args=(cfg.to_dict(), kill_at, events, reached))
+    p = ctx.Process(target=_attempt, args=(cfg.to_dict(), kill_at, events, reached))
     p.start()
     p.join(120)
     return p.exitcode, events.value, reached.value
@@ -279,20 +279,20 @@ def test_killed_anywhere_a_run_resumes_to_the_same_weights(tmp_path):
 
 
 def kill_chain(tmp_path):
-    """Sessions killed one after another until one completes (the test above runs it)."""
+    """Attempts killed one after another until one completes (the test above runs it)."""
     base = dict(steps=8, checkpoint_every=2, keep=1, ema_decay=0.9)
-    train(tiny(tmp_path, "whole", **base))  # in this process: the forked sessions find everything imported
-    code, total, _ = _run_session(tiny(tmp_path, "count", **base), 0)
+    train(tiny(tmp_path, "whole", **base))  # in this process: the forked attempts find everything imported
+    code, total, _ = _run_attempt(tiny(tmp_path, "count", **base), 0)
     assert code == 0
     reference = load_file(tmp_path / "whole" / "flow.safetensors")
     run = tmp_path / "run"
-    kills, session, step_before = 0, 0, 0
+    kills, attempt, step_before = 0, 0, 0
     while True:
         has_state = bool(list_states(run))
         cfg = tiny(tmp_path, **base, resume=has_state, overwrite=not has_state)
-        kill_at = 3 + (5 * session) % (total // 2)  # a different point of the save cycle each session
-        code, _, reached = _run_session(cfg, kill_at)
-        session += 1
+        kill_at = 3 + (5 * attempt) % (total // 2)  # a different point of the save cycle each attempt
+        code, _, reached = _run_attempt(cfg, kill_at)
+        attempt += 1
         states = list_states(run)
         assert len(states) <= 1 and not list((run / "checkpoints").glob(".tmp-*")) or code != 0
         if code == 0:
@@ -303,12 +303,12 @@ def kill_chain(tmp_path):
         assert step_now >= step_before  # a kill never loses a state that was complete
         assert reached - step_now <= base["checkpoint_every"]  # at most one interval lost
         step_before = step_now
-        assert session < 40
+        assert attempt < 40
     assert kills >= 5
     final = load_file(run / "flow.safetensors")
     assert all(torch.equal(final[k], reference[k]) for k in reference)
     assert not list((run / "checkpoints").glob(".tmp-*")) and not list(run.glob(".*.tmp-*"))
-    print("kills", kills, "sessions", session)
+    print("kills", kills, "attempts", attempt)
 
 
 # -- sampling streams ------------------------------------------------------------------------------

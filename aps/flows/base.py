@@ -51,7 +51,7 @@ class ConditionalFlow(nn.Module):
         """Sampling direction: z (B * n, *event_shape), y (B, *y_shape) -> x (B * n, *event_shape), log_q (B * n,).
 
         The n latents of measurement i are rows i*n .. i*n + n - 1 of z; y is encoded once and its
-        context repeated. Written as `forward` so that DDP and autocast wrap it (LIBRARY-NOTES).
+        context repeated. Written as `forward` so that DDP and autocast wrap it (docs/flows.md).
         """
         n = z.shape[0] // y.shape[0]
         context = _repeat(self.encode(y), n)

@@ -17,7 +17,7 @@ is carried between layers, splits are channel slices (no masks), and z keeps x's
 
 ActNorm here is a plain learnable per-channel affine (normflows `AffineConstFlow`) started at the
 identity, without Glow's data-dependent initialisation: that init turns the parameters bf16 when
-the first call runs under autocast and differs per rank under DDP (LIBRARY-NOTES), and a flow
+the first call runs under autocast and differs per rank under DDP (docs/flows.md), and a flow
 trained by reverse KL has no data batch to initialise from anyway. With zero-initialised coupling
 outputs and identity ActNorms the flow starts as a random rotation per pixel block: x = Q z, log_q =
 log N(z).
@@ -25,8 +25,8 @@ log N(z).
 A class label is the least a flow can be told: the couplings must make the whole digit from it. For
 the classifier operator the flow can end with a per-class template and spread (`class_template`,
 `ConditionalPixelAffine`), started at the class-conditional mean and std of the training images, so
-the flow starts as the class's Gaussian and the couplings learn the rest; without it the first
-session's classifier flows collapsed to one image for every label (BENCHMARKS.md).
+the flow starts as the class's Gaussian and the couplings learn the rest; without it the
+classifier flows collapsed to one image for every label (docs/flows.md).
 
 Stronger variants, each off by default (a flow built at the defaults is the plain conditional Glow, its
 config and weights unchanged): `encoder_blocks` gives the encoder residual blocks at every scale and a

@@ -3,7 +3,7 @@
 Direction as in `aps.flows.base`: `forward(z, context)` runs z -> x (sampling) and returns
 (x, log|det dx/dz|) per batch item; `inverse(x, context)` runs x -> z with the negated log-det.
 
-Why these exist rather than normflows' own Glow pieces (LIBRARY-NOTES, normflows section):
+Why these exist rather than normflows' own Glow pieces (docs/flows.md, "normflows and accelerate"):
 `ConditionalNormalizingFlow` calls every layer as `flow(z, context=context)`, and normflows'
 ActNorm, Invertible1x1Conv, AffineCoupling and Squeeze take no `context` (a TypeError), so the
 context-free ones are wrapped by `Unconditional`, and the coupling, which must see the measurement,
@@ -134,7 +134,7 @@ class ConditionalAffineCoupling(Flow):
         (raw, t) = NN(z_a, c),   s = clamp * tanh(raw / clamp),   x_b = z_b * exp(s) + t,   x_a = z_a,
     log|det| = sum s. RealNVP (Dinh et al. 2017) with a conditioning input (as in SRFlow, Lugmayr
     et al. 2020); the soft clamp bounds |s| by `clamp` while letting the flow contract as well as
-    expand (normflows' sigmoid scale can only expand, its exp scale is unbounded: LIBRARY-NOTES).
+    expand (normflows' sigmoid scale can only expand, its exp scale is unbounded: docs/flows.md).
     The last conv is zero-initialised, so the layer starts as the identity.
 
     Args:

@@ -3,7 +3,7 @@
     q0(z | y) = sum_k w_k(y) N(z; mu_k(y), diag s_k(y)^2),    (logits, mu, log s) = MLP(context)
 
 With a multimodal base the flow can put whole base components on posterior modes instead of tearing
-one Gaussian apart: a mode-coverage lever against reverse KL's mode seeking (DESIGN.md).
+one Gaussian apart: a mode-coverage lever against reverse KL's mode seeking (docs/objective.md, docs/flows.md).
 
 Optionally (`gate_dim` = dy > 0) the weights and means also get the form of Gaussian mixture regression
 (a mixture of linear experts with a Gaussian gate; Jacobs et al. 1991, Ghahramani & Jordan 1994):

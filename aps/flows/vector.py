@@ -12,7 +12,7 @@ sampling (`sample_weighted`); base_gate adds its Gaussian gate on y and means li
 The last layer is the exact posterior of a Gaussian with the prior's mean and covariance under the
 linear operator (mean m(y) linear in y, covariance L L^T). It puts the flow's working space u where
 the posterior has unit scale in every direction: narrow along A's rows, broad elsewhere
-(LIBRARY-NOTES: at d = 20 the error sat inside the mode for lack of exactly this). The splines
+(without it, at d = 20 the flow's error sat inside the mode: docs/flows.md). The splines
 (Durkan et al. 2019, "Neural Spline Flows") then only warp a unit-scale density into the multimodal
 one; they contract as well as expand, unlike normflows' sigmoid affine coupling.
 """

@@ -1,7 +1,7 @@
 """The prior interface: a frozen VP diffusion model seen through eps, the denoiser and the ELBO.
 
 Everything that uses a prior (the objective, samplers, comparison solvers) goes through this class;
-nothing else touches schedules or network internals (STYLE.md rule 4).
+nothing else touches schedules or network internals (docs/priors.md).
 """
 from __future__ import annotations
 
@@ -45,7 +45,7 @@ class Prior(nn.Module):
              generator: torch.Generator | None = None, strata: str = "item", antithetic: bool = False) -> torch.Tensor:
         """Per-sample variational bound L(x) >= -log p_theta(x), in nats, shape (B,).
 
-        L(x) = 1/2 E_{t,eps}[w(t) ||eps - eps_theta(x_t, t)||^2]       (diffusion term, DESIGN.md)
+        L(x) = 1/2 E_{t,eps}[w(t) ||eps - eps_theta(x_t, t)||^2]       (diffusion term, docs/objective.md)
                + KL(q(x_T | x) || N(0, I))                              (noise end, closed form)
                + d/2 log(2 pi e sigma_0^2 / alpha_0^2)                  (Gaussian decoder, a constant)
         (Kingma et al. 2021, VDM.) With the exact eps and a wide log-SNR range it is tight.

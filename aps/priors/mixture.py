@@ -4,7 +4,7 @@ p(x) = sum_k w_k N(x; mu_k, diag(v_k)). Under x_t = alpha x + sigma eps the nois
 mixture, sum_k w_k N(x_t; alpha mu_k, diag(alpha^2 v_k + sigma^2)), so eps, the score and the
 denoiser are exact at every t, and so is the posterior under a linear operator with Gaussian noise
 (Bishop 2006, sec. 2.3.3, per component, with weights from the evidence N(y; A mu_k, A S_k A^T + s^2 I)).
-This is what makes the mixture the ground truth for the whole pipeline (DESIGN.md).
+This is what makes the mixture the ground truth for the whole pipeline (docs/priors.md).
 """
 from __future__ import annotations
 

@@ -14,7 +14,7 @@ eps evaluations are counted separately as `ode_eps`). `nfe` is the headline: for
 network evaluations (a backward pass costs about as much as a forward one).
 
 Randomness comes from one generator for the whole batch, so sample j of measurement i depends on
-the batch it ran in (not yet seeded per sample as STYLE.md rule 10 asks; the rows' dynamics are
+the batch it ran in (not yet seeded per sample, as the flow sampler is; the rows' dynamics are
 independent, only their noise draws are shared out of one stream).
 """
 from __future__ import annotations

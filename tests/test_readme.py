@@ -16,17 +16,14 @@ README = (ROOT / "README.md").read_text()
 
 # option -> small value, replaced where a command gives the option
 SMALLER = {"--n": "8", "--heldout": "0:2", "--max-seconds": "60", "--n-heldout": "2", "--n-samples": "4",
-           "--device": "cpu", "--steps": "2"}
+           "--device": "cpu", "--steps": "2", "--prior-bank": "8", "--prior-steps": "4", "--budget-s": "20",
+           "--throughput-batch": "100"}
 # what is appended to every run of a script (argparse keeps the last value)
 TINY = {
     "train.py": ["--batch-size", "8", "--n-z", "1", "--n-elbo", "1", "--steps", "2", "--log-every", "1",
                  "--sample-every", "2", "--cpu"],
     "benchmark.py": ["--n-samples", "20", "--n-measurements", "2", "--dps-steps", "4", "--cm1-steps", "4",
                      "--cm-ode-steps", "2", "--cm2-k", "2"],
-    "image_benchmark.py": ["--n-heldout", "2", "--n-samples", "4", "--out", "outputs/image_benchmark.json"],
-    "mnist_solver_benchmark.py": ["--n-images", "2", "--n-tune", "1", "--tune-first", "400", "--steps", "3",
-                                  "--cm2-k", "2", "--aps-mean", "4", "--dps-zeta", "1", "--cm1-zeta", "1",
-                                  "--cm2-lr1", "0.1", "--out", "outputs/solvers.json"],
 }
 
 
@@ -73,6 +70,8 @@ def workspace(tmp_path_factory):
     import numpy as np
     import torch
 
+    from safetensors.torch import save_file
+
     from aps.image_grid import save_png
     from aps.problems import mcgdiff_problem
 
@@ -82,6 +81,7 @@ def workspace(tmp_path_factory):
     mcgdiff_problem(2, 1, seed=0).save(ws / "my_problem.npz")
     np.savez(ws / "measurements.npz", y=np.random.default_rng(0).normal(size=(2, 2)).astype(np.float32))
     save_png((torch.rand(8, 8) * 255).to(torch.uint8).numpy(), ws / "my_lowres.png")
+    save_file({"y": torch.randn(2, 1, 32, 32)}, str(ws / "my_y.safetensors"))  # measurements without ground truth
     return ws
 
 

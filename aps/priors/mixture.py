@@ -115,6 +115,25 @@ class GaussianMixturePrior(Prior):
         prec = torch.diag_embed(1.0 / self.variances.double()) + a.T @ a / s2  # (K, d, d)
         return torch.einsum("k,kij->ij", self.log_weights.double().exp(), torch.linalg.inv(prec))
 
+    def component_posterior_frame(self, operator) -> tuple[torch.Tensor, torch.Tensor]:
+        """Weight-averaged gain (d, dy) and covariance (d, d) of one component's posterior, float64.
+
+        Component k's posterior mean is mu_k + K_k (y - A mu_k) with K_k = S_k A^T G_k^-1, G_k = A S_k A^T + s^2 I,
+        and its covariance S_k - K_k A S_k (Woodbury: dy x dy solves, any d). With equal component covariances
+        (MCGdiff's) both are the same for every k, and so exact for each.
+        """
+        a = operator.matrix().double()
+        s2 = float(operator.sigma_y) ** 2
+        w, v = self.log_weights.double().exp(), self.variances.double()
+        d, dy = v.shape[1], a.shape[0]
+        gain, cov = torch.zeros(d, dy, dtype=torch.float64), torch.zeros(d, d, dtype=torch.float64)
+        for k in range(len(w)):  # one (d, d) at a time
+            av = a * v[k]  # A S_k, (dy, d)
+            gk = torch.linalg.solve(av @ a.T + s2 * torch.eye(dy, dtype=torch.float64), av).T  # (d, dy)
+            gain += w[k] * gk
+            cov += w[k] * (torch.diag(v[k]) - gk @ av)
+        return gain, 0.5 * (cov + cov.T)
+
     def posterior(self, operator, y) -> "MixturePosterior":
         """Exact p(x | y) for a linear operator with Gaussian noise: a full-covariance mixture per y.
 
@@ -145,7 +164,10 @@ class MixturePosterior:
 
     def __init__(self, means, covs, log_weights):
         self.means, self.covs, self.log_weights = means, covs, log_weights
-        self._chol = torch.linalg.cholesky(covs)
+        # one covariance for all components (equal prior covariances, e.g. MCGdiff's unit ones): the samples are
+        # whitened once instead of once per component, which is what makes d = 800 affordable (K x fewer solves)
+        self.shared = bool((covs == covs[:1]).all())
+        self._chol = torch.linalg.cholesky(covs[:1] if self.shared else covs)
 
     @property
     def weights(self):
@@ -157,16 +179,32 @@ class MixturePosterior:
         comp = torch.multinomial(self.weights, n, replacement=True, generator=generator)  # (B, n)
         z = torch.randn(b, n, d, generator=generator, dtype=torch.float64, device=self.means.device)
         mean = torch.gather(self.means, 1, comp[..., None].expand(b, n, d))
-        return mean + (self._chol[comp] @ z[..., None])[..., 0]
+        if self.shared:
+            return mean + z @ self._chol[0].T
+        noise = torch.empty_like(z)
+        for j in range(k):  # one (d, d) factor per component, never a (B, n, d, d) gather
+            hit = comp == j
+            noise[hit] = z[hit] @ self._chol[j].T
+        return mean + noise
 
     def component_log_probs(self, x):
         """log w_k + log N_k(x), (B, n, K) for x (B, n, d)."""
         x = x.double()
-        diff = x[:, :, None, :] - self.means[:, None]  # (B, n, K, d)
-        sol = torch.linalg.solve_triangular(self._chol, diff[..., None], upper=False)[..., 0]
-        half_logdet = torch.log(torch.diagonal(self._chol, dim1=-2, dim2=-1)).sum(-1)  # (K,)
-        d = x.shape[-1]
-        log_n = -0.5 * sol.pow(2).sum(-1) - half_logdet - 0.5 * d * LOG_2PI
+        b, n, d = x.shape
+        k = self.means.shape[1]
+        half_logdet = torch.log(torch.diagonal(self._chol, dim1=-2, dim2=-1)).sum(-1)  # (K,) or (1,)
+        if self.shared:  # ||L^-1 (x - m_k)||^2 = ||L^-1 x - L^-1 m_k||^2: whiten x and the means once
+            chol = self._chol[0]
+            xw = torch.linalg.solve_triangular(chol, x.reshape(-1, d).T, upper=False).T.reshape(b, n, d)
+            mw = torch.linalg.solve_triangular(chol, self.means.reshape(-1, d).T, upper=False).T.reshape(b, k, d)
+            sq = (xw.pow(2).sum(-1)[..., None] - 2 * xw @ mw.transpose(1, 2) + mw.pow(2).sum(-1)[:, None, :])
+        else:
+            sq = torch.empty(b, n, k, dtype=x.dtype, device=x.device)
+            for j in range(k):  # (B, n, d) per component, not (B, n, K, d) at once
+                diff = x - self.means[:, None, j]
+                sol = torch.linalg.solve_triangular(self._chol[j], diff.reshape(-1, d).T, upper=False)
+                sq[..., j] = sol.pow(2).sum(0).reshape(b, n)
+        log_n = -0.5 * sq.clamp_min(0) - half_logdet - 0.5 * d * LOG_2PI
         return self.log_weights[:, None, :] + log_n
 
     def log_prob(self, x):

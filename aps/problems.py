@@ -103,8 +103,9 @@ def mcgdiff_published_problem(d: int, dy: int, seed: int = 0) -> MixtureProblem:
 
     Draws, in this order, from numpy.random.default_rng(seed): 25 standard normals g (weights w = g^2 / sum g^2),
     U (dy x dy) and V (d x d) Haar-orthogonal (QR of Gaussian matrices), dy singular values s ~ U(0, 1) (sorted,
-    largest first), then u ~ U(0, 1) for the noise std sigma_y = u * max(s). Means on the 5 x 5 grid
-    {-8, -4, 0, 4, 8}^2 tiled over d (`grid_means`), unit covariances, A = U diag(s) V[:dy] (V's first dy rows).
+    largest first), then u ~ U(0, 1) for the noise std sigma_y = u * max(s). Means (8 i, 8 j, 8 i, 8 j, ...) for
+    i, j in {-2..2}: the grid {-16, -8, 0, 8, 16}^2 tiled over d (`grid_means`, as the authors' code builds it),
+    unit covariances, A = U diag(s) V[:dy] (V's first dy rows). Held-out y are measurements of prior draws.
     """
     _check_dims(d, dy)
     rng = np.random.default_rng(seed)

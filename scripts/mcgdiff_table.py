@@ -223,7 +223,7 @@ def main(argv=None):
     p.add_argument("--methods", nargs="+", default=list(METHODS), choices=METHODS)
     p.add_argument("--workers", type=int, default=1, help="processes, one torch thread each (default: %(default)s)")
     p.add_argument("--out", default="benchmarks/mcgdiff_published.jsonl", help="JSON lines, appended per job")
-    p.add_argument("--run-dir", default="", help="APS run folders (default: OUT without .jsonl, + '-runs')")
+    p.add_argument("--run-dir", default="runs/mcgdiff_table", help="APS run folders, one per problem (default: %(default)s)")
     p.add_argument("--max-seconds", type=float, default=0.0, help="stop cleanly after this many seconds (0: no limit)")
     p.add_argument("--n-measurements", type=int, default=8, help="held-out y per problem (default: %(default)s)")
     p.add_argument("--n-samples", type=int, default=4000, help="samples per y (default: %(default)s)")
@@ -235,9 +235,9 @@ def main(argv=None):
         default = " ".join(f"{k}:{v}" for k, v in table_.items())
         p.add_argument("--" + name.replace("_", "-"), nargs="+", default=None, metavar="D:VALUE",
                        help=f"per d (default: {default})")
-    p.add_argument("--dps-zeta", type=float, nargs="+", default=[0.03, 0.1, 0.3, 1.0])
-    p.add_argument("--cm1-zeta", type=float, nargs="+", default=[0.1, 0.3, 1.0, 3.0])
-    p.add_argument("--cm2-lr1", type=float, nargs="+", default=[0.3, 1.0, 3.0, 10.0])
+    p.add_argument("--dps-zeta", type=float, nargs="+", default=[0.01, 0.03, 0.1, 0.3, 1.0])
+    p.add_argument("--cm1-zeta", type=float, nargs="+", default=[0.3, 1.0, 3.0, 10.0, 30.0])
+    p.add_argument("--cm2-lr1", type=float, nargs="+", default=[1.0, 3.0, 10.0, 30.0, 100.0])
     p.add_argument("--ddrm-eta", type=float, nargs="+", default=[0.5, 0.85, 1.0])
     p.add_argument("--batch-size", type=int, default=4096, help="rows per solver call (default: %(default)s)")
     p.add_argument("--machine", default="", help="recorded in every row (default: the platform and core count)")
@@ -256,7 +256,7 @@ def main(argv=None):
     for name, table_ in PER_D.items():
         a[name] = per_d(getattr(args, name), name) if getattr(args, name) else dict(table_)
     out = Path(args.out)
-    a["run_dir"] = args.run_dir or str(out.with_suffix("")) + "-runs"
+    a["run_dir"] = args.run_dir
     a["machine"] = args.machine or f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, " \
                                    f"{args.workers} worker(s) x 1 thread"
     t0 = time.time()

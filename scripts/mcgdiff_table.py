@@ -148,6 +148,9 @@ def run_job(job):
     x_test, y_test = target.measurements("test", cfg.n_measurements)
     tune_set = target.measurements("tune", cfg.n_tune)
     solver, tuning = make_method(method, target, sampler, cfg, {}, tune_set)
+    if method == "aps":  # a mixture base evaluates K x d numbers per sample: about 2^24 of them per flow pass
+        k = max(1, sampler.flow.config().get("base_components", 1))
+        solver.chunk = max(64, 2 ** 24 // (k * (1 + 2 * d)))
     x, stats, log_q = run_solver(solver, target, y_test, cfg.n_samples, cfg, left, method)
     scored = target.score(x, x_test, y_test, log_q)
     s = scored["summary"]

@@ -238,8 +238,8 @@ def main(argv=None):
         default = " ".join(f"{k}:{v}" for k, v in table_.items())
         p.add_argument("--" + name.replace("_", "-"), nargs="+", default=None, metavar="D:VALUE",
                        help=f"per d (default: {default})")
-    p.add_argument("--dps-zeta", type=float, nargs="+", default=[0.01, 0.03, 0.1, 0.3, 1.0])
-    p.add_argument("--cm1-zeta", type=float, nargs="+", default=[0.3, 1.0, 3.0, 10.0, 30.0])
+    p.add_argument("--dps-zeta", type=float, nargs="+", default=[0.03, 0.1, 0.3, 1.0, 3.0])
+    p.add_argument("--cm1-zeta", type=float, nargs="+", default=[1.0, 3.0, 10.0, 30.0, 100.0])
     p.add_argument("--cm2-lr1", type=float, nargs="+", default=[1.0, 3.0, 10.0, 30.0, 100.0])
     p.add_argument("--ddrm-eta", type=float, nargs="+", default=[0.5, 0.85, 1.0])
     p.add_argument("--batch-size", type=int, default=4096, help="rows per solver call (default: %(default)s)")

@@ -154,3 +154,34 @@ def test_the_table_script_writes_one_line_per_problem_and_method(tmp_path):
     # a rerun skips what is there
     again = subprocess.run(cmd, check=True, capture_output=True, text=True, timeout=120)
     assert "0 jobs (3 already" in again.stderr
+
+
+def test_the_isotropic_path_of_the_mixture_prior_agrees_with_the_general_one(float64):
+    from aps.priors import GaussianMixturePrior
+
+    g = torch.Generator().manual_seed(0)
+    prior = GaussianMixturePrior(4 * torch.randn(5, 7, generator=g), torch.rand(5, generator=g) + 0.1,
+                                 torch.rand(5, generator=g) + 0.2)  # one variance per component, not all equal
+    assert prior.isotropic
+    x, t = 3 * torch.randn(40, 7, generator=g), torch.rand(40, generator=g)
+    fast = prior.score_exact(x, t), prior.log_prob_t(x, t)
+    prior.isotropic = False
+    for a, b in zip(fast, (prior.score_exact(x, t), prior.log_prob_t(x, t))):
+        torch.testing.assert_close(a, b)
+    assert not GaussianMixturePrior(torch.zeros(2, 3), torch.ones(2), torch.rand(2, 3) + 0.5).isotropic
+
+
+@pytest.mark.parametrize("layers", [0, 2])
+def test_stratified_draws_of_a_diagonal_base_have_the_flows_own_log_density(float64, layers):
+    from aps.flows.vector import ConditionalVectorFlow
+
+    torch.manual_seed(0)
+    flow = ConditionalVectorFlow(6, 2, n_layers=layers, hidden=16, base_components=5, base_gate=True,
+                                 base_cov="diag").double()
+    with torch.no_grad():
+        for prm in flow.mixture_base.parameters():
+            prm.add_(0.3 * torch.randn_like(prm))
+    y = torch.randn(3, 2, dtype=torch.float64)
+    x, log_q, weight = flow.sample_weighted(y, 10)
+    assert x.shape == (3, 10, 6) and weight.shape == (3, 10)
+    torch.testing.assert_close(log_q, flow.log_prob(x.flatten(0, 1), y.repeat_interleave(10, 0)).reshape(3, 10))

@@ -142,13 +142,26 @@ class ConditionalGaussianMixture(nf.distributions.BaseDistribution):
         v = self._mix_into(None if mix is None else mix[k], torch.exp(log_s[rows, k]) * eps)  # (B, n, d)
         return (mu[rows, k] + v).flatten(0, 1)
 
-    def sample_stratified(self, context: torch.Tensor, m: int, generator: torch.Generator | None = None):
+    def log_prob_grouped(self, z: torch.Tensor, params) -> torch.Tensor:
+        """log q0(z_ij | context_i) for z (B, N, d) and `params(context)` of the B contexts, (B, N), for diagonal
+        components (`_mixing()` None): the squared distances from matmuls, (B, N, K) work instead of (B, N, K, d),
+        and the K-component parameters computed once per context rather than once per z."""
+        log_w, mu, log_s = params
+        inv_var = torch.exp(-2 * log_s)  # (B, K, d)
+        quad = (torch.einsum("bnd,bkd->bnk", z.pow(2), inv_var) - 2 * torch.einsum("bnd,bkd->bnk", z, mu * inv_var)
+                + (mu.pow(2) * inv_var).sum(-1)[:, None, :])
+        log_n = -0.5 * quad.clamp_min(0) - log_s.sum(-1)[:, None, :] - 0.5 * self.d * LOG_2PI
+        return torch.logsumexp(log_w[:, None, :] + log_n, dim=-1)
+
+    def sample_stratified(self, context: torch.Tensor, m: int, generator: torch.Generator | None = None,
+                          params=None):
         """m reparametrised draws from every component: z (B, K * m, d) and weights w_k / m (B, K * m).
 
         sum_j weight_ij f(z_ij) is an unbiased estimate of E_{q0(.|context_i)}[f]; the weights sum to 1
         per row and are differentiable w.r.t. the logits. Column k * m + j is draw j of component k.
+        params: `params(context)` if already computed.
         """
-        log_w, mu, log_s = self.params(context)
+        log_w, mu, log_s = self.params(context) if params is None else params
         b, k = log_w.shape
         eps = torch.randn(b, k, m, self.d, generator=generator, device=mu.device, dtype=mu.dtype)
         mix = self._mixing()

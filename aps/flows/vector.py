@@ -162,8 +162,15 @@ class ConditionalVectorFlow(ConditionalFlow):
         if base is None:
             return super().sample_weighted(y, n, generator)
         b, m = y.shape[0], -(-n // base.n_components)
-        z, weight = base.sample_stratified(self.encode(y), m, generator)  # (B, K * m, d), (B, K * m)
-        x, log_q = self(z.flatten(0, 1), y)
+        context = self.encode(y)
+        params = base.params(context)
+        z, weight = base.sample_stratified(context, m, generator, params=params)  # (B, K * m, d), (B, K * m)
+        if base._mixing() is not None:
+            x, log_q = self(z.flatten(0, 1), y)
+        else:  # diagonal components: log q0 from the params per y (the flow's forward would redo them per z)
+            n_per = z.shape[1]
+            x, log_det = self.nf.forward_and_log_det(z.flatten(0, 1), context=context.repeat_interleave(n_per, 0))
+            log_q = base.log_prob_grouped(z, params).flatten() - log_det
         return x.reshape(b, -1, *self.event_shape), log_q.reshape(b, -1), weight
 
     @torch.no_grad()

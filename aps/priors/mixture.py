@@ -50,6 +50,9 @@ class GaussianMixturePrior(Prior):
         self.register_buffer("variances", variances.to(dtype))
         self.schedule = schedule or ContinuousSchedule()
         self.event_shape = (d,)
+        # one variance per component (MCGdiff's unit ones): p_t's squared distances come from one matmul,
+        # (B, K) work instead of (B, K, d) (what the ELBO at d = 800 needs; `_isotropic_log_normal`)
+        self.isotropic = bool((variances == variances[:, :1]).all())
 
     @property
     def dim(self) -> int:
@@ -76,14 +79,31 @@ class GaussianMixturePrior(Prior):
         _, sigma = self.schedule.alpha_sigma(t)
         return -_expand(sigma, x_t) * self.score_exact(x_t, t)
 
+    def _isotropic_log_normal(self, x_t, t):
+        """For isotropic components: log N(x_t; alpha mu_k, var_k I) (B, K), var_k = alpha^2 v_k + sigma^2 (B, K), alpha (B,).
+        ||x - alpha mu_k||^2 = ||x||^2 - 2 alpha x . mu_k + alpha^2 ||mu_k||^2 (a matmul)."""
+        alpha, sigma = self.schedule.alpha_sigma(t)
+        alpha, sigma = alpha.to(self.means.dtype), sigma.to(self.means.dtype)
+        var = alpha[:, None] ** 2 * self.variances[:, 0] + sigma[:, None] ** 2  # (B, K)
+        dist = (x_t.pow(2).sum(1, keepdim=True) - 2 * alpha[:, None] * (x_t @ self.means.T)
+                + alpha[:, None] ** 2 * self.means.pow(2).sum(1))
+        d = self.dim
+        return -0.5 * (dist.clamp_min(0) / var + d * torch.log(var) + d * LOG_2PI), var, alpha
+
     def score_exact(self, x_t, t):
         """grad_x log p_t(x_t), (B, d): sum_k r_k(x_t) (alpha mu_k - x_t) / var_k."""
+        if self.isotropic:
+            log_n, var, alpha = self._isotropic_log_normal(x_t, t)
+            rv = torch.softmax(self.log_weights + log_n, dim=-1) / var  # (B, K): r_k / var_k
+            return alpha[:, None] * (rv @ self.means) - x_t * rv.sum(1, keepdim=True)
         mean, var = self._noised(t)
         r = self._responsibilities(x_t, mean, var)  # (B, K)
         return (r[..., None] * (mean - x_t[:, None, :]) / var).sum(1)
 
     def log_prob_t(self, x_t, t):
         """Exact log p_t(x_t), (B,)."""
+        if self.isotropic:
+            return torch.logsumexp(self.log_weights + self._isotropic_log_normal(x_t, t)[0], dim=-1)
         mean, var = self._noised(t)
         return torch.logsumexp(self.log_weights + self._log_normal(x_t[:, None, :], mean, var), dim=-1)
 

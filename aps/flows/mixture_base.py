@@ -40,6 +40,7 @@ import torch
 from torch import nn
 
 LOG_2PI = math.log(2 * math.pi)
+KMEANS_POINTS = 16384  # the diag fit clusters this many draws (k-means is the costly part at d = 800), then runs EM on all
 LOG_SCALE_BOUND = 6.0  # soft bound on |log s|: s in (e^-6, e^6), far from anything a unit-scale frame needs
 
 
@@ -198,7 +199,12 @@ class ConditionalGaussianMixture(nf.distributions.BaseDistribution):
         gated = self.gate_dim and y is not None
         points = torch.cat([u, y.detach().to(u)], 1) if gated else u
         k, d = self.n_components, self.d
-        assign, seeds = _kmeans(points, k, iters, generator, restarts=restarts if gated and self.cov == "diag" else 1)
+        if gated and self.cov == "diag":  # k-means on at most KMEANS_POINTS of the draws, EM on all of them
+            sub = points[:KMEANS_POINTS]
+            _, centres = _kmeans(sub, k, iters, generator, restarts=restarts)
+            self._fit_diag(points.double(), torch.cdist(points, centres).argmin(1), em_iters, min_scale, u)
+            return
+        assign, seeds = _kmeans(points, k, iters, generator)
         if not gated:
             centres, scales = [], []
             for j in range(k):  # an empty cluster keeps its k-means centre
@@ -207,9 +213,6 @@ class ConditionalGaussianMixture(nf.distributions.BaseDistribution):
                 scales.append(uj.std(0) if len(uj) > 1 else torch.ones(d, device=u.device))
             log_s = torch.stack(scales).clamp_min(min_scale).log().clamp(max=LOG_SCALE_BOUND - 0.1)
             self._set_bias(torch.zeros(k, dtype=u.dtype, device=u.device), torch.stack(centres), log_s)
-            return
-        if self.cov == "diag":
-            self._fit_diag(points.double(), assign, em_iters, min_scale, u)
             return
         log_pi, means, covs = _em(points.double(), assign, k, em_iters)
         s_uu, s_uy, s_yy = covs[:, :d, :d], covs[:, :d, d:], covs[:, d:, d:]
@@ -230,7 +233,9 @@ class ConditionalGaussianMixture(nf.distributions.BaseDistribution):
 
     def _fit_diag(self, points, assign, em_iters, min_scale, like):
         """The diag-cov fit: EM for a mixture over (z, y) with z and y independent in each component, z diagonal
-        and y full (`_em_block`); the gate T_j = chol(S_yy,j^-1)^T, the means and scales those of z, slopes 0."""
+        (one variance per axis pooled over the components: every estimate from all N draws, where a component's
+        own n_j draws would leave it off by sqrt(2 / n_j) on each of d axes) and y full (`_em_block`); the gate
+        T_j = chol(S_yy,j^-1)^T, the means and scales those of z, slopes 0. Training unties the scales."""
         d = self.d
         log_pi, means, z_var, s_yy = _em_block(points, assign, self.n_components, em_iters, d)
         chol = torch.linalg.cholesky(torch.linalg.inv(s_yy))  # S_yy^-1 = C C^T, T = C^T: ||T v||^2 = v^T S_yy^-1 v
@@ -248,8 +253,8 @@ class ConditionalGaussianMixture(nf.distributions.BaseDistribution):
 def _em_block(points: torch.Tensor, assign: torch.Tensor, k: int, iters: int, d: int, reg: float = 1e-6,
               tol: float = 1e-9):
     """EM from hard labels (N,) for a mixture over points (N, d + q) = (z, y) whose components have z and y
-    independent, z with a diagonal covariance and y a full one: log weights (K,), means (K, d + q), z variances
-    (K, d), y covariances (K, q, q). O(N K (d + q^2)) per step, for any d; stops when the mean log-likelihood
+    independent, z with a diagonal covariance shared by all components (tied) and y a full one: log weights (K,),
+    means (K, d + q), z variances (K, d) (equal rows), y covariances (K, q, q). O(N K (d + q^2)) per step, for any d; stops when the mean log-likelihood
     moves by less than tol. A component with fewer than q + 2 points' worth of responsibility gets unit
     variances (and a tiny weight)."""
     n, p = points.shape
@@ -261,7 +266,7 @@ def _em_block(points: torch.Tensor, assign: torch.Tensor, k: int, iters: int, d:
     for it in range(iters + 1):
         nk = resp.sum(0) + 1e-10  # M step
         means = (resp.T @ points) / nk[:, None]
-        z_var = (resp.T @ z.pow(2)) / nk[:, None] - means[:, :d].pow(2)
+        z_var = ((resp.T @ z.pow(2)) - nk[:, None] * means[:, :d].pow(2)).sum(0, keepdim=True).expand(k, d) / n
         dy_ = y[None] - means[:, None, d:]  # (K, N, q)
         s_yy = torch.einsum("kn,kni,knj->kij", resp.T, dy_, dy_) / nk[:, None, None] + reg * eye
         empty = nk < q + 2

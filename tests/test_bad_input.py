@@ -121,7 +121,7 @@ TRAIN = [
     ("--mcgdiff 2,x", "three integers"),
     ("--mcgdiff 2,1,0,paper", "unknown generator"),
     ("--mcgdiff 1,1,0,published", "d >= 2"),
-    ("--mcgdiff 2,1,0 --flow-base-components 25 --flow-base-cov diag", "--flow-base-gate"),
+    ("--mcgdiff 2,1,0 --no-flow-base-gate --flow-base-cov diag", "--flow-base-gate"),
     ("--mcgdiff 2,1,0 --flow-base-cov maybe", "--flow-base-cov"),
     ("--mcgdiff 2,1,0 --flow-layers -1", "--flow-layers"),
     ("--mcgdiff 2,1,0 --flow-frame fixed", "--flow-frame"),

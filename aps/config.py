@@ -25,7 +25,8 @@ def option(default, help: str, group: str, choices=None):
 class TrainConfig:
     # -- task: what to train for (restored from the checkpoint on --resume)
     problem: str = option("", "mixture problem file (.npz/.safetensors: means, weights, variances, A, sigma_y)", "task")
-    mcgdiff: str = option("", "or make an MCGdiff mixture problem: 'd,dy,seed' (saved into --out)", "task")
+    mcgdiff: str = option("", "or make an MCGdiff mixture problem: 'd,dy,seed' (uniform weights, sigma_y 0.1) or "
+                          "'d,dy,seed,published' (the paper's weights and noise); saved into --out", "task")
     prior: str = option("", "or train for images: a diffusers prior folder (unet/ + scheduler/), e.g. checkpoints/mnist-prior", "task")
     operator: str = option("", "with --prior: the operator's name (denoise, inpaint_box, inpaint_random, sr, deblur, cs, classifier)", "task")
     op_arg: list = option(None, "with --operator: one operator parameter as key=value (JSON value), repeatable, "
@@ -44,18 +45,23 @@ class TrainConfig:
                                "without ground truth; the forward-KL term then needs --data prior (its pairs "
                                "are drawn from the prior) or --fkl-weight 0", "data")
     # -- flow architecture (restored from the checkpoint on --resume)
-    flow_layers: int = option(8, "spline coupling layers", "flow")
+    flow_layers: int = option(8, "spline coupling layers (0: the base and the frame alone)", "flow")
     flow_hidden: int = option(128, "hidden width of each coupling network", "flow")
     flow_blocks: int = option(2, "residual blocks per coupling network", "flow")
     flow_bins: int = option(16, "rational-quadratic spline bins", "flow")
     flow_tail_bound: float = option(5.0, "spline interval [-B, B] in the Gaussian frame's unit-scale space", "flow")
-    flow_frame: str = option("moments", "frame scale: moments (the Gaussian posterior of the prior's moments) or "
-                           "component (one mixture component's posterior width)", "flow", ("moments", "component"))
+    flow_frame: str = option("moments", "frame: moments (the Gaussian posterior of the prior's moments), component "
+                           "(that mean, scaled to one mixture component's posterior width) or conditioned (one "
+                           "component's posterior gain and width: each posterior component a unit Gaussian whose "
+                           "place does not move with y)", "flow", ("moments", "component", "conditioned"))
     flow_base_components: int = option(0, "base of the vector flow: K > 1 components of a conditional Gaussian mixture "
                                      "q0(z|y), trained by stratified sampling (ceil(n_z/K) z per component and y); "
                                      "0 or 1: N(0, I)", "flow")
     flow_base_gate: bool = option(False, "mixture base: a Gaussian gate on y for its weights and means linear in y "
                                 "and full covariances (Gaussian mixture regression), fitted by EM to joint prior draws (z, y)", "flow")
+    flow_base_cov: str = option("full", "gated mixture base: full component covariances and a diagonal gate, or diag "
+                                "components and a full-covariance gate on y (for high dimension: no d x d factors)",
+                                "flow", ("full", "diag"))
     flow_fourier: int = option(0, "vector flow: F > 0 appends sin/cos of F random projections of the standardised y "
                              "to the flow's context (0 = off)", "flow")
     flow_fourier_scale: float = option(10.0, "std of those projections' frequencies, in units of y's spread", "flow")
@@ -142,7 +148,7 @@ class TrainConfig:
     TASK_FIELDS = ("problem", "mcgdiff", "prior", "operator", "op_arg", "data", "prior_sampler", "prior_steps",
                    "prior_bank", "measurements")
     ARCH_FIELDS = ("flow_layers", "flow_hidden", "flow_blocks", "flow_bins", "flow_tail_bound", "flow_frame",
-                   "flow_base_components", "flow_base_gate", "flow_fourier", "flow_fourier_scale",
+                   "flow_base_components", "flow_base_gate", "flow_base_cov", "flow_fourier", "flow_fourier_scale",
                    "glow_levels", "glow_steps", "glow_hidden", "glow_cond", "glow_clamp", "backprojection",
                    "class_template", "glow_enc_blocks", "glow_blocks", "glow_attention",
                    "glow_tarflow", "glow_tarflow_width", "glow_tarflow_layers") + TASK_FIELDS
@@ -160,10 +166,16 @@ class TrainConfig:
             raise ApsError("--prior and --operator go together (images), e.g. --prior checkpoints/mnist-prior --operator sr")
         if sum(bool(v) for v in (self.problem, self.mcgdiff, self.prior)) != 1:
             raise ApsError("say what to train for: --problem FILE, --mcgdiff d,dy,seed, or --prior FOLDER --operator NAME")
+        if self.mcgdiff:
+            from .problems import parse_mcgdiff
+
+            parse_mcgdiff(self.mcgdiff)  # a bad spec fails now, not after the run folder is taken
         if self.op_arg and not self.operator:
             raise ApsError("--op-arg needs --operator")
         self.operator_args()  # parse errors now, not after the prior has loaded
-        positive = ("flow_layers", "flow_hidden", "flow_blocks", "flow_bins", "n_z", "n_elbo", "steps",
+        if self.flow_layers < 0:
+            raise ApsError(f"--flow-layers must be >= 0, got {self.flow_layers}")
+        positive = ("flow_hidden", "flow_blocks", "flow_bins", "n_z", "n_elbo", "steps",
                     "batch_size", "grad_accum", "checkpoint_every", "keep", "log_every", "glow_levels",
                     "glow_steps", "glow_hidden", "glow_cond")
         for name in positive:
@@ -187,6 +199,11 @@ class TrainConfig:
             raise ApsError(f"--flow-base-components must be >= 0, got {self.flow_base_components}")
         if self.flow_base_gate and self.flow_base_components < 2:
             raise ApsError("--flow-base-gate needs a mixture base: add --flow-base-components K (K >= 2)")
+        if self.flow_base_cov != "full" and not self.flow_base_gate:
+            raise ApsError("--flow-base-cov is the gated base's option: add --flow-base-gate (the ungated base is "
+                           "diagonal already)")
+        if self.flow_frame == "conditioned" and self.is_image:
+            raise ApsError("--flow-frame conditioned is for mixture problems (an exact prior's components)")
         if not self.likelihood_weight > 0:
             raise ApsError(f"--likelihood-weight must be positive, got {self.likelihood_weight}")
         if self.fkl_weight < 0 or self.aps_weight < 0 or self.flow_tail_bound <= 0 or self.grad_clip < 0:

@@ -52,14 +52,21 @@ class MixtureTask:
         flow = ConditionalVectorFlow(d, dy, n_layers=cfg.flow_layers, hidden=cfg.flow_hidden,
                                      num_blocks=cfg.flow_blocks, bins=cfg.flow_bins, tail_bound=cfg.flow_tail_bound,
                                      base_components=cfg.flow_base_components, fourier=cfg.flow_fourier,
-                                     fourier_scale=cfg.flow_fourier_scale, base_gate=cfg.flow_base_gate)
+                                     fourier_scale=cfg.flow_fourier_scale, base_gate=cfg.flow_base_gate,
+                                     base_cov=cfg.flow_base_cov)
         mean, cov = self.prior.moments()
-        scale = self.prior.component_posterior_cov(self.operator) if cfg.flow_frame == "component" else None
-        flow.frame.fit(mean, cov, self.operator.matrix(), self.operator.sigma_y, scale_cov=scale)
+        scale, gain = None, None
+        if cfg.flow_frame == "component":
+            scale = self.prior.component_posterior_cov(self.operator)
+        elif cfg.flow_frame == "conditioned":
+            gain, scale = self.prior.component_posterior_frame(self.operator)
+        flow.frame.fit(mean, cov, self.operator.matrix(), self.operator.sigma_y, scale_cov=scale, gain=gain)
         if flow.mixture_base is not None:
             # fitted to prior draws taken back through the flow for their own measurements (k-means; with the
             # gate, EM on the joint (z, y)): what any prior offers (samples), not the exact mixture's components
-            x = self.prior.sample(16384).to(flow.frame.L.dtype)
+            # the diagonal base estimates K means of d numbers each: more draws at high d (its EM is O(N K d))
+            n_fit = 16384 if cfg.flow_base_cov == "full" else max(16384, 64 * d)
+            x = self.prior.sample(n_fit).to(flow.frame.L.dtype)
             flow.fit_base(x, self.operator.measure(x))
         return flow
 
@@ -297,15 +304,11 @@ def make_task(cfg, with_data: bool = True, device=None):
     --measurements and no forward-KL term, no images are loaded at all.
     """
     if not cfg.is_image:
-        from .problems import load_problem, mcgdiff_problem
+        from .problems import load_problem, make_mcgdiff
 
         if cfg.problem:
             return MixtureTask(load_problem(cfg.problem))
-        try:
-            d, dy, seed = (int(v) for v in cfg.mcgdiff.split(","))
-        except ValueError:
-            raise ApsError(f"--mcgdiff wants 'd,dy,seed' (three integers), got {cfg.mcgdiff!r}") from None
-        return MixtureTask(mcgdiff_problem(d, dy, seed))
+        return MixtureTask(make_mcgdiff(cfg.mcgdiff))
     from .operators import build
     from .priors import DiffusersPrior
 

@@ -88,7 +88,9 @@ def table(report: dict) -> str:
 def footer(report: dict) -> str:
     """What the table was measured on, in one paragraph."""
     tunes = sorted({m["tuning"]["chosen_by"] for m in report["methods"] if m.get("tuning")})
-    text = (f"{report['checkpoint']} ({report['kind']}); scored on {report['measurements']['test']}, "
+    src = report.get("problem") or {}
+    what = f"MCGdiff {src['mcgdiff']}, {src['generator']} generator" if "mcgdiff" in src else report["kind"]
+    text = (f"{report['checkpoint']} ({what}); scored on {report['measurements']['test']}, "
             f"{report['n_samples']} samples each; solvers tuned on {report['measurements']['tune']}"
             + (f" by {'; '.join(tunes)}" if tunes else "") + f". {report['machine']}, torch {report['torch']}, "
             f"{report['date']}. cov. 0.9: the truth's share inside the central 90% interval, from its rank among the "

@@ -102,6 +102,10 @@ def run_benchmark(cfg: BenchmarkConfig) -> dict:
               "measurements": {"test": describe(target, "test", cfg.n_measurements),
                                "tune": describe(target, "tune", cfg.n_tune)},
               "n_samples": cfg.n_samples, "methods": []}
+    if target.kind == "mixture":
+        from ..problems import problem_source
+
+        report["problem"] = problem_source(sampler.meta.get("train", {}))  # e.g. {"mcgdiff", "generator"}
     samples, cm_cache = {}, {}
     for name in cfg.solvers:
         solver, tuning = make_method(name, target, sampler, cfg, cm_cache, tune_set)

@@ -55,12 +55,15 @@ class GaussianFrame(nf.flows.Flow):
         return u, -self._log_det(len(x), x)
 
     @torch.no_grad()
-    def fit(self, prior_mean, prior_cov, A=None, sigma_y=None, scale_cov=None):
+    def fit(self, prior_mean, prior_cov, A=None, sigma_y=None, scale_cov=None, gain=None):
         """Set the frame to the Gaussian posterior N(m(y), S) of N(prior_mean, prior_cov) under y = A x + sigma_y n.
 
         Without A (a nonlinear operator), the frame is the prior's moments alone: x = mean + chol(cov) u.
         `scale_cov`, if given, replaces S as the frame's scale L L^T (e.g. the width of one mixture
-        component's posterior, so that separate modes land several units apart in u).
+        component's posterior, so that separate modes land several units apart in u). `gain` (d, dy), if
+        given, replaces the moments' gain C A^T G^-1 as M, with b = prior_mean - gain A prior_mean: with one
+        mixture component's gain and covariance (frame "conditioned") every component's posterior is a unit
+        Gaussian in u whose mean does not move with y. y is standardised by the moments either way.
         """
         m, c = prior_mean.double(), prior_cov.double()
         if A is None:
@@ -69,8 +72,9 @@ class GaussianFrame(nf.flows.Flow):
             return
         a = A.double()
         gram = a @ c @ a.T + sigma_y ** 2 * torch.eye(a.shape[0], dtype=torch.float64)
-        gain = torch.linalg.solve(gram, a @ c).T  # C A^T G^-1, (d, dy)
-        cov = c - gain @ a @ c
+        moments_gain = torch.linalg.solve(gram, a @ c).T  # C A^T G^-1, (d, dy)
+        cov = c - moments_gain @ a @ c
+        gain = moments_gain if gain is None else gain.double()
         self.M.copy_(gain)
         self.b.copy_(m - gain @ (a @ m))
         cov = cov if scale_cov is None else scale_cov.double()
@@ -87,7 +91,8 @@ class ConditionalVectorFlow(ConditionalFlow):
         residual net (num_blocks residual blocks). bins: spline bins. tail_bound: the splines act on
         [-B, B] in the frame's unit-scale space and are linear outside. base_components: K > 1 makes
         the base a conditional K-component Gaussian mixture (0 or 1: N(0, I)); base_hidden: the width
-        of its MLP. fourier: F > 0 appends sin and cos of F random projections of the standardised y
+        of its MLP; base_gate: its Gaussian gate on y; base_cov: the gated base's "full" or "diag" component
+        covariances (aps.flows.mixture_base). n_layers may be 0: the base and the frame alone. fourier: F > 0 appends sin and cos of F random projections of the standardised y
         (frequencies ~ N(0, fourier_scale^2), fixed, saved with the weights) to the context, so the
         couplings and the base can change quickly with y (posterior mode weights switch on the scale of
         sigma_y, far below y's spread; Tancik et al. 2020, "Fourier Features Let Networks Learn High
@@ -96,7 +101,7 @@ class ConditionalVectorFlow(ConditionalFlow):
 
     def __init__(self, d: int, dy: int, n_layers: int = 8, hidden: int = 128, num_blocks: int = 2,
                  bins: int = 16, tail_bound: float = 5.0, base_components: int = 0, base_hidden: int = 64,
-                 fourier: int = 0, fourier_scale: float = 10.0, base_gate: bool = False):
+                 fourier: int = 0, fourier_scale: float = 10.0, base_gate: bool = False, base_cov: str = "full"):
         super().__init__()
         self.args = dict(d=d, dy=dy, n_layers=n_layers, hidden=hidden, num_blocks=num_blocks,
                          bins=bins, tail_bound=tail_bound, base_components=base_components, base_hidden=base_hidden)
@@ -110,6 +115,10 @@ class ConditionalVectorFlow(ConditionalFlow):
             if base_components < 2:
                 raise ValueError("base_gate needs a mixture base (base_components >= 2)")
             self.args.update(base_gate=True)
+        if base_cov != "full":
+            if not base_gate:
+                raise ValueError("base_cov applies to the gated mixture base (base_gate)")
+            self.args.update(base_cov=base_cov)
         context_dim = dy + 2 * fourier
         self.event_shape, self.y_shape = (d,), (dy,)
         layers = []
@@ -121,7 +130,8 @@ class ConditionalVectorFlow(ConditionalFlow):
                 layers.append(nf.flows.Permute(d, mode="shuffle"))
         layers.append(GaussianFrame(d, dy))
         if base_components > 1:
-            q0 = ConditionalGaussianMixture(d, context_dim, base_components, base_hidden, gate_dim=dy if base_gate else 0)
+            q0 = ConditionalGaussianMixture(d, context_dim, base_components, base_hidden, gate_dim=dy if base_gate else 0,
+                                            cov=base_cov)
         else:
             q0 = nf.distributions.DiagGaussian(d, trainable=False)
         self.nf = nf.ConditionalNormalizingFlow(q0, layers)
@@ -152,8 +162,15 @@ class ConditionalVectorFlow(ConditionalFlow):
         if base is None:
             return super().sample_weighted(y, n, generator)
         b, m = y.shape[0], -(-n // base.n_components)
-        z, weight = base.sample_stratified(self.encode(y), m, generator)  # (B, K * m, d), (B, K * m)
-        x, log_q = self(z.flatten(0, 1), y)
+        context = self.encode(y)
+        params = base.params(context)
+        z, weight = base.sample_stratified(context, m, generator, params=params)  # (B, K * m, d), (B, K * m)
+        if base._mixing() is not None:
+            x, log_q = self(z.flatten(0, 1), y)
+        else:  # diagonal components: log q0 from the params per y (the flow's forward would redo them per z)
+            n_per = z.shape[1]
+            x, log_det = self.nf.forward_and_log_det(z.flatten(0, 1), context=context.repeat_interleave(n_per, 0))
+            log_q = base.log_prob_grouped(z, params).flatten() - log_det
         return x.reshape(b, -1, *self.event_shape), log_q.reshape(b, -1), weight
 
     @torch.no_grad()

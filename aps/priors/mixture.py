@@ -50,6 +50,9 @@ class GaussianMixturePrior(Prior):
         self.register_buffer("variances", variances.to(dtype))
         self.schedule = schedule or ContinuousSchedule()
         self.event_shape = (d,)
+        # one variance per component (MCGdiff's unit ones): p_t's squared distances come from one matmul,
+        # (B, K) work instead of (B, K, d) (what the ELBO at d = 800 needs; `_isotropic_log_normal`)
+        self.isotropic = bool((variances == variances[:, :1]).all())
 
     @property
     def dim(self) -> int:
@@ -76,14 +79,31 @@ class GaussianMixturePrior(Prior):
         _, sigma = self.schedule.alpha_sigma(t)
         return -_expand(sigma, x_t) * self.score_exact(x_t, t)
 
+    def _isotropic_log_normal(self, x_t, t):
+        """For isotropic components: log N(x_t; alpha mu_k, var_k I) (B, K), var_k = alpha^2 v_k + sigma^2 (B, K), alpha (B,).
+        ||x - alpha mu_k||^2 = ||x||^2 - 2 alpha x . mu_k + alpha^2 ||mu_k||^2 (a matmul)."""
+        alpha, sigma = self.schedule.alpha_sigma(t)
+        alpha, sigma = alpha.to(self.means.dtype), sigma.to(self.means.dtype)
+        var = alpha[:, None] ** 2 * self.variances[:, 0] + sigma[:, None] ** 2  # (B, K)
+        dist = (x_t.pow(2).sum(1, keepdim=True) - 2 * alpha[:, None] * (x_t @ self.means.T)
+                + alpha[:, None] ** 2 * self.means.pow(2).sum(1))
+        d = self.dim
+        return -0.5 * (dist.clamp_min(0) / var + d * torch.log(var) + d * LOG_2PI), var, alpha
+
     def score_exact(self, x_t, t):
         """grad_x log p_t(x_t), (B, d): sum_k r_k(x_t) (alpha mu_k - x_t) / var_k."""
+        if self.isotropic:
+            log_n, var, alpha = self._isotropic_log_normal(x_t, t)
+            rv = torch.softmax(self.log_weights + log_n, dim=-1) / var  # (B, K): r_k / var_k
+            return alpha[:, None] * (rv @ self.means) - x_t * rv.sum(1, keepdim=True)
         mean, var = self._noised(t)
         r = self._responsibilities(x_t, mean, var)  # (B, K)
         return (r[..., None] * (mean - x_t[:, None, :]) / var).sum(1)
 
     def log_prob_t(self, x_t, t):
         """Exact log p_t(x_t), (B,)."""
+        if self.isotropic:
+            return torch.logsumexp(self.log_weights + self._isotropic_log_normal(x_t, t)[0], dim=-1)
         mean, var = self._noised(t)
         return torch.logsumexp(self.log_weights + self._log_normal(x_t[:, None, :], mean, var), dim=-1)
 
@@ -115,6 +135,25 @@ class GaussianMixturePrior(Prior):
         prec = torch.diag_embed(1.0 / self.variances.double()) + a.T @ a / s2  # (K, d, d)
         return torch.einsum("k,kij->ij", self.log_weights.double().exp(), torch.linalg.inv(prec))
 
+    def component_posterior_frame(self, operator) -> tuple[torch.Tensor, torch.Tensor]:
+        """Weight-averaged gain (d, dy) and covariance (d, d) of one component's posterior, float64.
+
+        Component k's posterior mean is mu_k + K_k (y - A mu_k) with K_k = S_k A^T G_k^-1, G_k = A S_k A^T + s^2 I,
+        and its covariance S_k - K_k A S_k (Woodbury: dy x dy solves, any d). With equal component covariances
+        (MCGdiff's) both are the same for every k, and so exact for each.
+        """
+        a = operator.matrix().double()
+        s2 = float(operator.sigma_y) ** 2
+        w, v = self.log_weights.double().exp(), self.variances.double()
+        d, dy = v.shape[1], a.shape[0]
+        gain, cov = torch.zeros(d, dy, dtype=torch.float64), torch.zeros(d, d, dtype=torch.float64)
+        for k in range(len(w)):  # one (d, d) at a time
+            av = a * v[k]  # A S_k, (dy, d)
+            gk = torch.linalg.solve(av @ a.T + s2 * torch.eye(dy, dtype=torch.float64), av).T  # (d, dy)
+            gain += w[k] * gk
+            cov += w[k] * (torch.diag(v[k]) - gk @ av)
+        return gain, 0.5 * (cov + cov.T)
+
     def posterior(self, operator, y) -> "MixturePosterior":
         """Exact p(x | y) for a linear operator with Gaussian noise: a full-covariance mixture per y.
 
@@ -145,7 +184,10 @@ class MixturePosterior:
 
     def __init__(self, means, covs, log_weights):
         self.means, self.covs, self.log_weights = means, covs, log_weights
-        self._chol = torch.linalg.cholesky(covs)
+        # one covariance for all components (equal prior covariances, e.g. MCGdiff's unit ones): the samples are
+        # whitened once instead of once per component, which is what makes d = 800 affordable (K x fewer solves)
+        self.shared = bool((covs == covs[:1]).all())
+        self._chol = torch.linalg.cholesky(covs[:1] if self.shared else covs)
 
     @property
     def weights(self):
@@ -157,16 +199,32 @@ class MixturePosterior:
         comp = torch.multinomial(self.weights, n, replacement=True, generator=generator)  # (B, n)
         z = torch.randn(b, n, d, generator=generator, dtype=torch.float64, device=self.means.device)
         mean = torch.gather(self.means, 1, comp[..., None].expand(b, n, d))
-        return mean + (self._chol[comp] @ z[..., None])[..., 0]
+        if self.shared:
+            return mean + z @ self._chol[0].T
+        noise = torch.empty_like(z)
+        for j in range(k):  # one (d, d) factor per component, never a (B, n, d, d) gather
+            hit = comp == j
+            noise[hit] = z[hit] @ self._chol[j].T
+        return mean + noise
 
     def component_log_probs(self, x):
         """log w_k + log N_k(x), (B, n, K) for x (B, n, d)."""
         x = x.double()
-        diff = x[:, :, None, :] - self.means[:, None]  # (B, n, K, d)
-        sol = torch.linalg.solve_triangular(self._chol, diff[..., None], upper=False)[..., 0]
-        half_logdet = torch.log(torch.diagonal(self._chol, dim1=-2, dim2=-1)).sum(-1)  # (K,)
-        d = x.shape[-1]
-        log_n = -0.5 * sol.pow(2).sum(-1) - half_logdet - 0.5 * d * LOG_2PI
+        b, n, d = x.shape
+        k = self.means.shape[1]
+        half_logdet = torch.log(torch.diagonal(self._chol, dim1=-2, dim2=-1)).sum(-1)  # (K,) or (1,)
+        if self.shared:  # ||L^-1 (x - m_k)||^2 = ||L^-1 x - L^-1 m_k||^2: whiten x and the means once
+            chol = self._chol[0]
+            xw = torch.linalg.solve_triangular(chol, x.reshape(-1, d).T, upper=False).T.reshape(b, n, d)
+            mw = torch.linalg.solve_triangular(chol, self.means.reshape(-1, d).T, upper=False).T.reshape(b, k, d)
+            sq = (xw.pow(2).sum(-1)[..., None] - 2 * xw @ mw.transpose(1, 2) + mw.pow(2).sum(-1)[:, None, :])
+        else:
+            sq = torch.empty(b, n, k, dtype=x.dtype, device=x.device)
+            for j in range(k):  # (B, n, d) per component, not (B, n, K, d) at once
+                diff = x - self.means[:, None, j]
+                sol = torch.linalg.solve_triangular(self._chol[j], diff.reshape(-1, d).T, upper=False)
+                sq[..., j] = sol.pow(2).sum(0).reshape(b, n)
+        log_n = -0.5 * sq.clamp_min(0) - half_logdet - 0.5 * d * LOG_2PI
         return self.log_weights[:, None, :] + log_n
 
     def log_prob(self, x):

@@ -23,7 +23,7 @@ TINY = {
     "train.py": ["--batch-size", "8", "--n-z", "1", "--n-elbo", "1", "--steps", "2", "--log-every", "1",
                  "--sample-every", "2", "--cpu"],
     "benchmark.py": ["--n-samples", "20", "--n-measurements", "2", "--dps-steps", "4", "--cm1-steps", "4",
-                     "--cm-ode-steps", "2", "--cm2-k", "2"],
+                     "--cm-ode-steps", "2", "--cm2-k", "2", "--throughput-batch", "16"],
 }
 
 

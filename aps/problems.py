@@ -92,6 +92,12 @@ def grid_means(d: int, spacing: float = 8.0) -> np.ndarray:
     return np.tile(grid, (1, (d + 1) // 2))[:, :d]
 
 
+def _grid_problem(means: np.ndarray, weights: np.ndarray, a: np.ndarray, sigma_y: float) -> MixtureProblem:
+    """The 25 unit-variance components at `means` with `weights`, seen through A = a with noise std sigma_y."""
+    prior = GaussianMixturePrior(torch.from_numpy(means), torch.from_numpy(weights), torch.ones(25, dtype=torch.float64))
+    return MixtureProblem(prior, MatrixOperator(torch.from_numpy(a), sigma_y))
+
+
 def _orthogonal(rng: np.random.Generator, n: int) -> np.ndarray:
     """A Haar-random n x n orthogonal matrix: QR of a Gaussian matrix, R's diagonal made positive."""
     q, r = np.linalg.qr(rng.standard_normal((n, n)))
@@ -114,10 +120,7 @@ def mcgdiff_published_problem(d: int, dy: int, seed: int = 0) -> MixtureProblem:
     u, v = _orthogonal(rng, dy), _orthogonal(rng, d)
     s = np.sort(rng.uniform(size=dy))[::-1]
     sigma_y = float(rng.uniform() * s.max())
-    a = u @ np.diag(s) @ v[:dy]
-    prior = GaussianMixturePrior(torch.from_numpy(grid_means(d)), torch.from_numpy(weights),
-                                 torch.ones(25, dtype=torch.float64))
-    return MixtureProblem(prior, MatrixOperator(torch.from_numpy(a), sigma_y))
+    return _grid_problem(grid_means(d), weights, u @ np.diag(s) @ v[:dy], sigma_y)
 
 
 def mcgdiff_problem(d: int, dy: int, seed: int = 0, sigma_y: float = 0.1,
@@ -139,9 +142,7 @@ def mcgdiff_problem(d: int, dy: int, seed: int = 0, sigma_y: float = 0.1,
     s = np.sort(rng.uniform(size=dy))[::-1] if singular_values is None else np.asarray(singular_values, float)
     if s.shape != (dy,):
         raise ApsError(f"need {dy} singular values, got {s.shape[0] if s.ndim else 1}")
-    a = u @ np.diag(s) @ v[:dy]
-    prior = GaussianMixturePrior(torch.from_numpy(means), torch.from_numpy(weights), torch.ones(25, dtype=torch.float64))
-    return MixtureProblem(prior, MatrixOperator(torch.from_numpy(a), sigma_y))
+    return _grid_problem(means, weights, u @ np.diag(s) @ v[:dy], sigma_y)
 
 
 GENERATORS = {"variant": mcgdiff_problem, "published": mcgdiff_published_problem}

@@ -6,6 +6,16 @@ import torch
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # tests never reach the network
 
 
+@pytest.fixture(scope="module")
+def one_thread():
+    """Small tensors, many ops: one torch thread is faster than two fighting over a shared CPU (a module opts in
+    with `pytestmark = pytest.mark.usefixtures("one_thread")`)."""
+    old = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(old)
+
+
 @pytest.fixture
 def float64():
     """Run a test in float64 (closed-form checks), restoring the default afterwards."""

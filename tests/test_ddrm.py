@@ -14,12 +14,7 @@ from aps.solvers.ddrm import spectral
 from aps.solvers.dps import vp_time_grid
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 class EpsOnly(Prior):

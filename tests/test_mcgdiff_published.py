@@ -16,12 +16,7 @@ from aps.problems import grid_means, make_mcgdiff, mcgdiff_problem, mcgdiff_publ
 ROOT = Path(__file__).resolve().parents[1]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def test_the_published_generator_matches_its_description(float64):

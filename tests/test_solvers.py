@@ -14,13 +14,7 @@ from aps.solvers import (CMDPS, DPS, CMInversion, EDMDenoiser, ExactConsistency,
 from aps.solvers.edm import to_vp
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Small tensors, many ops: one torch thread is faster than two fighting over a shared CPU."""
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def ddpm_schedule(n=1000):

@@ -91,6 +91,7 @@ class ImageTarget:
         self.tune_key, self.higher_is_better = ("class_accuracy" if self.is_class else "psnr_sample"), True
         self.levels = getattr(sampler.task, "levels", None)
         self._prior = None
+        self._ref = (None, None)  # (n, judge features of held-out images n..2n-1): the realism reference
         self.judge = None
         if cfg.judge:
             from ..operators.classifier import load_classifier
@@ -157,7 +158,7 @@ class ImageTarget:
 
     def _reference_features(self, n: int):
         """Judge features of the held-out images n..2n-1 (not scored): the reference set of the Frechet distance."""
-        if getattr(self, "_ref", (None, None))[0] != n:
+        if self._ref[0] != n:
             from ..evaluate_images import classifier_features
             from ..tasks import heldout_images
 

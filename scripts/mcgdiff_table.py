@@ -16,6 +16,8 @@ noise floor). Jobs are (problem, method) pairs spread over --workers processes (
 costliest first; each finished job appends one JSON line to --out at once, so a killed run keeps what it has,
 and a rerun with the same --out skips the pairs already there. --max-seconds stops the run cleanly: no job
 starts after it, and those running are given what is left as their budget (training time, solver budget).
+--start-until only stops new jobs from starting, so a table can be split over several sittings with every
+row at its full budget.
 
 Per-d options take "d:value" pairs (e.g. --dps-steps 8:500 80:500 800:100); a bare value applies to every d.
 The defaults are sized so that the full 27-problem table fits in about 9 minutes on 16 cores (BENCHMARKS.md).
@@ -128,6 +130,8 @@ def run_job(job):
     base = {k: job[k] for k in ("d", "dy", "seed", "generator", "method")}
     if left is not None and left <= 0:
         return {**base, "skipped": "--max-seconds reached before the job started"}
+    if a["start_until"] is not None and time.time() > a["start_until"]:
+        return {**base, "skipped": "--start-until passed before the job started"}
     t_job = time.perf_counter()
     cfg = BenchmarkConfig(
         solvers=[method], n_measurements=a["n_measurements"], n_samples=a["n_samples"], n_tune=a["n_tune"],
@@ -228,6 +232,9 @@ def main(argv=None):
     p.add_argument("--out", default="benchmarks/mcgdiff_published.jsonl", help="JSON lines, appended per job")
     p.add_argument("--run-dir", default="runs/mcgdiff_table", help="APS run folders, one per problem (default: %(default)s)")
     p.add_argument("--max-seconds", type=float, default=0.0, help="stop cleanly after this many seconds (0: no limit)")
+    p.add_argument("--start-until", type=float, default=0.0,
+                   help="start no job after this many seconds; those running finish with their full budgets, and a "
+                        "rerun with the same --out does the rest (0: no limit)")
     p.add_argument("--n-measurements", type=int, default=8, help="held-out y per problem (default: %(default)s)")
     p.add_argument("--n-samples", type=int, default=4000, help="samples per y (default: %(default)s)")
     p.add_argument("--n-tune", type=int, default=8, help="tuning y per problem (default: %(default)s)")
@@ -264,6 +271,7 @@ def main(argv=None):
                                    f"{args.workers} worker(s) x 1 thread"
     t0 = time.time()
     a["deadline"] = t0 + args.max_seconds if args.max_seconds > 0 else None
+    a["start_until"] = t0 + args.start_until if args.start_until > 0 else None
     done = done_keys(out)
     jobs = [dict(d=d, dy=dy, seed=s, generator=args.generator, method=m, args=a)
             for d in args.dims for dy in args.dys for s in args.seeds for m in args.methods

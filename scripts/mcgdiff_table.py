@@ -20,7 +20,7 @@ starts after it, and those running are given what is left as their budget (train
 row at its full budget.
 
 Per-d options take "d:value" pairs (e.g. --dps-steps 8:500 80:500 800:100); a bare value applies to every d.
-The defaults are sized so that the full 27-problem table fits in about 9 minutes on 16 cores (BENCHMARKS.md).
+The defaults are sized so that the full 27-problem table fits in about 14 minutes on 16 cores (BENCHMARKS.md).
 """
 from __future__ import annotations
 
@@ -40,8 +40,8 @@ sys.path.insert(0, str(ROOT))
 METHODS = ("aps", "dps", "ddrm", "cm1", "cm2")
 # per-d defaults: d -> value (the nearest d given is used for any other d)
 PER_D = {
-    "aps_steps": {8: 4000, 80: 4000, 800: 2000},
-    "aps_seconds": {8: 75.0, 80: 100.0, 800: 200.0},
+    "aps_steps": {8: 8000, 80: 8000, 800: 3000},
+    "aps_seconds": {8: 150.0, 80: 200.0, 800: 240.0},
     "dps_steps": {8: 500, 80: 500, 800: 100},
     "ddrm_steps": {8: 20, 80: 20, 800: 20},
     "cm1_steps": {8: 20, 80: 20, 800: 10},

@@ -180,3 +180,14 @@ def test_stratified_draws_of_a_diagonal_base_have_the_flows_own_log_density(floa
     x, log_q, weight = flow.sample_weighted(y, 10)
     assert x.shape == (3, 10, 6) and weight.shape == (3, 10)
     torch.testing.assert_close(log_q, flow.log_prob(x.flatten(0, 1), y.repeat_interleave(10, 0)).reshape(3, 10))
+
+
+def test_the_table_script_starts_no_job_after_start_until(tmp_path):
+    """--start-until: jobs that have not begun by then are left for a rerun, not run on a cut budget."""
+    out = tmp_path / "t.jsonl"
+    cmd = [sys.executable, str(ROOT / "scripts" / "mcgdiff_table.py"), "--dims", "4", "--dys", "1", "--seeds", "0",
+           "--methods", "ddrm", "dps", "--workers", "1", "--n-measurements", "2", "--n-samples", "64",
+           "--n-tune", "2", "--tune-samples", "16", "--dps-steps", "5", "--ddrm-steps", "5", "--start-until", "1e-6",
+           "--out", str(out), "--run-dir", str(tmp_path / "runs")]
+    proc = subprocess.run(cmd, check=True, capture_output=True, text=True, timeout=120)
+    assert "0 rows written" in proc.stderr and (not out.exists() or out.read_text() == "")

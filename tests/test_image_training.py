@@ -236,7 +236,7 @@ def test_two_cpu_processes_end_with_the_same_weights(prior, tmp_path):
     assert json.loads((tmp_path / "ddp" / "config.json").read_text())["step"] == 3
 
 
-@pytest.mark.parametrize("op", ["denoise", "inpaint_box", "sr", "classifier", "classifier-calibrated"])
+@pytest.mark.parametrize("op", ["denoise", "inpaint_box", "sr", "deblur", "classifier", "classifier-calibrated"])
 def test_shipped_mnist_flows_load_and_sample(op):
     import aps
     from aps.sampling import heldout_measurements
@@ -251,7 +251,7 @@ def test_shipped_mnist_flows_load_and_sample(op):
     assert x.shape == (2, 3, 1, 32, 32) and torch.isfinite(x).all() and torch.isfinite(log_q).all()
 
 
-@pytest.mark.parametrize("op", ["denoise", "inpaint_box", "sr"])
+@pytest.mark.parametrize("op", ["denoise", "inpaint_box", "sr", "deblur"])
 def test_shipped_mnist_flows_are_calibrated_where_the_digit_is(op):
     """The shipped flows' 90% intervals hold ~90% of held-out truth on the stroke pixels (and the inpainting box),
     not only on the background: before the calibration stages these were 14-33% (BENCHMARKS.md, "The reverse-KL

@@ -251,7 +251,7 @@ def test_shipped_mnist_flows_load_and_sample(op):
     assert x.shape == (2, 3, 1, 32, 32) and torch.isfinite(x).all() and torch.isfinite(log_q).all()
 
 
-@pytest.mark.parametrize("op", ["denoise", "inpaint_box", "sr", "deblur"])
+@pytest.mark.parametrize("op", ["denoise", "inpaint_box", "sr", "deblur", "classifier-calibrated"])
 def test_shipped_mnist_flows_are_calibrated_where_the_digit_is(op):
     """The shipped flows' 90% intervals hold ~90% of held-out truth on the stroke pixels (and the inpainting box),
     not only on the background: before the calibration stages these were 14-33% (BENCHMARKS.md, "The reverse-KL

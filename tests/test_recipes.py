@@ -103,8 +103,10 @@ def test_unknown_recipe_name():
 
 def saved_run(tmp_path, **changes) -> tuple[Path, TrainConfig]:
     """A run folder holding only the config.json of a run with a non-default value in every group."""
-    cfg = TrainConfig.from_dict({**read_recipe("mnist-sr-flow"), "ema_decay": 0.999, "max_seconds": 1234.0,
-                                 "recipe": "mnist-sr-flow", "out": str(tmp_path), **changes})
+    task = {"prior": "checkpoints/mnist-prior", "operator": "sr", "op_arg": ["factor=4"], "data": "mnist"}
+    cfg = TrainConfig.from_dict({**read_recipe("image-calibrated"), **task, "steps": 100000, "mixed_precision": "bf16",
+                                 "ema_decay": 0.999, "max_seconds": 1234.0, "recipe": "mnist-sr-flow",
+                                 "out": str(tmp_path), **changes})
     meta = {"format": "aps-flow", "format_version": 1, "step": 3, "flow": {}, "task": {}, "train": cfg.to_groups()}
     (tmp_path / "config.json").write_text(json.dumps(meta))
     return tmp_path, cfg

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Train several MNIST posterior flows side by side on one GPU (one process each), then score them all.
 #
-#     SECONDS_PER_FLOW=450 OUT_DIR=runs/image bash scripts/image_runs.sh scripts/image_runs/shipped.txt
+#     SECONDS_PER_FLOW=450 OUT_DIR=runs/image bash scripts/image_runs.sh scripts/image_runs/levers.txt
 #
 # The spec file has one run per line, `NAME train.py-arguments...` ('#' starts a comment); each run's arguments
 # are added after the common ones below (the hybrid objective at APS weight 1, batch 64, bf16, EMA, over train.py's

@@ -1,7 +1,31 @@
 #!/usr/bin/env bash
-# Train the four shipped MNIST posterior flows side by side on one GPU, then score them:
+# Train the five shipped MNIST posterior flows side by side on one GPU, each by its recipe, then score them:
 #
-#     SECONDS_PER_FLOW=450 OUT_DIR=runs/image bash scripts/train_image_flows.sh   # then train longer: image_runs/finetune.txt
+#     OUT_DIR=runs/shipped bash scripts/train_image_flows.sh
 #
-# = scripts/image_runs.sh with scripts/image_runs/shipped.txt (the recipe and the knobs are there).
-exec bash "$(dirname "$0")/image_runs.sh" "$(dirname "$0")/image_runs/shipped.txt"
+# Each recipe (aps/recipes/mnist-<op>-flow.toml) is the default image recipe image-wide for its operator, 360 s
+# with bf16: the shipped checkpoints are these runs (one H200, 2026-12-02 and -03, beside other runs; each card
+# gives its steps). The flows are bound by kernel-launch overhead, so processes side by side share one GPU well
+# (BENCHMARKS.md, "Training-step speed"). Then `benchmark.py RUN --solvers aps` scores each on 200 held-out digits
+# x 100 samples into OUT_DIR/NAME/benchmark/. Knobs: OUT_DIR (runs/shipped), DEVICE (cuda), N_HELDOUT (200),
+# EXTRA (more train.py arguments for every run, e.g. "--max-seconds 60").
+set -euo pipefail
+OUT=${OUT_DIR:-runs/shipped}
+mkdir -p "$OUT"
+names=(mnist-denoise-flow mnist-sr-flow mnist-inpaint_box-flow mnist-deblur-flow mnist-classifier-calibrated-flow)
+pids=()
+for name in "${names[@]}"; do
+  # shellcheck disable=SC2086
+  python3 train.py --recipe "$name" ${EXTRA:-} --out "$OUT/$name" > "$OUT/train-$name.log" 2>&1 &
+  pids+=($!)
+done
+status=0
+for pid in "${pids[@]}"; do wait "$pid" || status=1; done
+for name in "${names[@]}"; do
+  echo "== $name: $(python3 -c "import json,sys; c=json.load(open(sys.argv[1])); print('step', c['step'], 'in', c.get('train_seconds'), 's')" "$OUT/$name/config.json" 2>/dev/null || echo FAILED)"
+  if [ -f "$OUT/$name/flow.safetensors" ]; then
+    python3 benchmark.py "$OUT/$name" --solvers aps --device "${DEVICE:-cuda}" --n-measurements "${N_HELDOUT:-200}" \
+      --n-samples 100 --out "$OUT/$name/benchmark" --no-progress | grep '^| aps' || status=1
+  fi
+done
+[ "$status" = 0 ] || { echo "a training or scoring run failed"; exit 1; }

@@ -64,9 +64,8 @@ class MixtureTask:
         if flow.mixture_base is not None:
             # fitted to prior draws taken back through the flow for their own measurements (k-means; with the
             # gate, EM on the joint (z, y)): what any prior offers (samples), not the exact mixture's components
-            # the diagonal base estimates K means of d numbers each: more draws at high d (its EM is O(N K d));
-            # 16,384 left MCGdiff's 80,2,0 at SW 3.1-4.7x its floor, 65,536 at 2.2-2.6x (BENCHMARKS.md)
-            n_fit = 16384 if cfg.flow_base_cov == "full" else max(65536, 64 * d)
+            # the diagonal base estimates K means of d numbers each: more draws at high d (its EM is O(N K d))
+            n_fit = 16384 if cfg.flow_base_cov == "full" else max(16384, 64 * d)
             x = self.prior.sample(n_fit).to(flow.frame.L.dtype)
             flow.fit_base(x, self.operator.measure(x))
         return flow

@@ -39,6 +39,8 @@ class TrainConfig:
     prior_steps: int = option(100, "--data prior: inference steps of that scheduler", "data")
     prior_bank: int = option(20000, "--data prior: images in the bank (drawn once, cached, reused by later runs)", "data")
     prior_batch: int = option(500, "--data prior: images drawn per batch on the device", "data")
+    prior_frac: float = option(0.0, "--data D: the fraction of each forward-KL batch drawn from a bank of the prior's "
+                               "own images (drawn and cached as for --data prior) beside D's images; 0: none", "data")
     prior_cache: str = option("", "--data prior: cache folder of the banks (default $XDG_CACHE_HOME or ~/.cache, "
                               "then aps/prior-banks)", "data")
     measurements: str = option("", "images: a .safetensors/.npz file whose 'y' (N, *y_shape) the APS term trains on, "
@@ -146,7 +148,7 @@ class TrainConfig:
     dry_run: bool = option(False, "print the resolved config and exit", "run")
 
     TASK_FIELDS = ("problem", "mcgdiff", "prior", "operator", "op_arg", "data", "prior_sampler", "prior_steps",
-                   "prior_bank", "measurements")
+                   "prior_bank", "prior_frac", "measurements")
     ARCH_FIELDS = ("flow_layers", "flow_hidden", "flow_blocks", "flow_bins", "flow_tail_bound", "flow_frame",
                    "flow_base_components", "flow_base_gate", "flow_base_cov", "flow_fourier", "flow_fourier_scale",
                    "glow_levels", "glow_steps", "glow_hidden", "glow_cond", "glow_clamp", "backprojection",
@@ -222,6 +224,13 @@ class TrainConfig:
             raise ApsError("--aps-weight and --fkl-weight are both 0: nothing to train")
         if self.prior_steps < 1 or self.prior_bank < 1 or self.prior_batch < 1:
             raise ApsError("--prior-steps, --prior-bank and --prior-batch must be at least 1")
+        if not 0 <= self.prior_frac < 1:
+            raise ApsError(f"--prior-frac must be in [0, 1) (all prior images is --data prior), got {self.prior_frac}")
+        if self.prior_frac and (not self.is_image or self.data == "prior"):
+            raise ApsError("--prior-frac mixes prior images into an image data set: it needs --prior, --operator and "
+                           "a --data other than prior")
+        if self.prior_frac and self.fkl_weight == 0:
+            raise ApsError("--prior-frac feeds the forward-KL term, which --fkl-weight 0 turns off")
         if self.measurements and not self.is_image:
             raise ApsError("--measurements is for image tasks (--prior and --operator)")
         if self.measurements and self.aps_weight == 0:

@@ -162,18 +162,24 @@ class ImageTask:
         bank: with data "prior": the record of the prior bank the images are (aps.prior_bank), saved in config().
         measurements: (M, *y_shape) measurements without ground truth for the APS term (the paper's protocol),
             or None: the APS term then sees y = A(x) + noise of the images. `measurements_record` names them.
+        bank_images, prior_frac: images drawn from the prior (8-bit), of which round(prior_frac * n) rows of
+            every n-image batch of `sample_x` are drawn, the others from `images` (--prior-frac).
     """
 
     kind = "image"
 
     def __init__(self, prior, operator, data: str = "mnist", images: torch.Tensor | None = None,
                  bank: dict | None = None, measurements: torch.Tensor | None = None,
-                 measurements_record: dict | None = None):
+                 measurements_record: dict | None = None, bank_images: torch.Tensor | None = None,
+                 prior_frac: float = 0.0):
         if prior.event_shape is not None and tuple(operator.x_shape) != tuple(prior.event_shape):
             raise ApsError(f"operator {operator.name} works on images {tuple(operator.x_shape)} "
                            f"but the prior models {tuple(prior.event_shape)}")
         self.prior, self.operator, self.data, self.images = prior, operator, data, images
         self.bank, self.measurements, self.measurements_record = bank, measurements, measurements_record
+        if (bank_images is None) != (prior_frac == 0):
+            raise ApsError("ImageTask: bank_images and a prior_frac > 0 go together")
+        self.bank_images, self.prior_frac = bank_images, prior_frac
         self._fingerprint = None
         self._preview_y = None
 
@@ -187,6 +193,8 @@ class ImageTask:
         self.prior, self.operator = self.prior.to(device), self.operator.to(device)
         if self.images is not None:
             self.images = self.images.to(device)
+        if self.bank_images is not None:
+            self.bank_images = self.bank_images.to(device)
         if self.measurements is not None:
             self.measurements = self.measurements.to(device)
         return self
@@ -207,8 +215,13 @@ class ImageTask:
         """
         if self.images is None:
             raise ApsError("this task has no clean images (measurements only): the forward-KL term needs --data prior")
-        idx = torch.randint(len(self.images), (n,), device=self.images.device)
-        return dequantise(self.images[idx], self.levels)
+        n_bank = round(self.prior_frac * n)  # a fixed split keeps the step's shapes static (CUDA graphs)
+        idx = torch.randint(len(self.images), (n - n_bank,), device=self.images.device)
+        x = dequantise(self.images[idx], self.levels)
+        if n_bank:
+            idx = torch.randint(len(self.bank_images), (n_bank,), device=self.bank_images.device)
+            x = torch.cat([x, dequantise(self.bank_images[idx], 256)])
+        return x
 
     def sample_y(self, n: int) -> torch.Tensor | None:
         """n of the given measurements, drawn with replacement, (n, *y_shape); None without --measurements."""
@@ -269,6 +282,8 @@ class ImageTask:
                "operator": _normalised(self.operator.config()), "data": self.data}
         if self.bank is not None:
             cfg["prior_bank"] = dict(self.bank)
+        if self.prior_frac:
+            cfg["prior_frac"] = self.prior_frac
         if self.measurements_record is not None:
             cfg["measurements"] = dict(self.measurements_record)
         return cfg
@@ -317,16 +332,20 @@ def make_task(cfg, with_data: bool = True, device=None):
     measurements, record = (load_measurements(cfg.measurements, operator) if cfg.measurements else (None, None))
     images, bank = None, None
     if with_data and (measurements is None or cfg.fkl_weight > 0):
-        if cfg.data == "prior":
+        bank_images = None
+        if cfg.data == "prior" or cfg.prior_frac > 0:
             from .prior_bank import prior_bank, to_float
 
             uint8, bank = prior_bank(prior, cfg.prior_bank, sampler=cfg.prior_sampler, steps=cfg.prior_steps,
                                      seed=0, batch=cfg.prior_batch, device=device, cache_dir=cfg.prior_cache or None)
-            images = to_float(uint8)
+            bank_images = to_float(uint8)
+        if cfg.data == "prior":
+            images, bank_images = bank_images, None
         else:
             images = load_images(cfg.data, prior.event_shape)
     return ImageTask(prior, operator, cfg.data, images, bank=bank, measurements=measurements,
-                     measurements_record=record)
+                     measurements_record=record, bank_images=bank_images if cfg.prior_frac > 0 else None,
+                     prior_frac=cfg.prior_frac)
 
 
 def load_measurements(path: str, operator) -> tuple[torch.Tensor, dict]:

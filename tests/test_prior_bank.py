@@ -244,3 +244,40 @@ def test_measurements_with_forward_kl_but_no_pairs_is_one_line(prior_folder, tmp
                "--out", tmp_path / "x")
     assert_one_line_error(proc, "train.py", "--data prior")
     assert not (tmp_path / "x").exists()
+
+
+def test_prior_frac_mixes_bank_images_into_each_batch(prior_folder, tmp_path):
+    """--prior-frac f: round(f n) rows of every forward-KL batch are bank images, the others the data set's."""
+    from PIL import Image
+
+    from aps.prior_bank import to_float
+    from aps.tasks import make_task
+
+    folder = tmp_path / "black"
+    folder.mkdir()
+    for i in range(3):
+        Image.new("L", (8, 8)).save(folder / f"{i}.png")  # every data image is all background (-1)
+    cfg = TrainConfig(prior=str(prior_folder), operator="denoise", data=str(folder), prior_frac=0.25, prior_bank=6,
+                      prior_steps=2, prior_cache=str(tmp_path / "c"), fkl_weight=1.0, aps_weight=0.0).validate()
+    task = make_task(cfg)
+    bank = to_float(prior_bank(task.prior, 6, steps=2, cache_dir=tmp_path / "c", progress=False)[0])
+    assert task.config()["prior_frac"] == 0.25 and task.config()["prior_bank"]["n"] == 6
+    x = task.sample_x(8)
+    grey = 1 / 255  # dequantisation moves a pixel by at most half a grey level (of width 2/255)
+    assert x.shape == (8, 1, 8, 8) and (x[:6] + 1).abs().max() <= grey
+    for row in x[6:]:
+        assert min((row - b).abs().max().item() for b in bank) <= grey  # each of the last two is a bank image
+    assert bank.flatten(1).amax(1).gt(-1 + 2 * grey).all()  # no bank image is all background: the rows tell apart
+    assert (task.sample_x(3)[:2] + 1).abs().max() <= grey  # round(0.75) = 1 bank row of 3
+
+
+@pytest.mark.parametrize("extra, words", [
+    (["--prior-frac", "1"], "[0, 1)"),
+    (["--prior-frac", "-0.1"], "[0, 1)"),
+    (["--prior-frac", "0.5", "--data", "prior"], "other than prior"),
+    (["--prior-frac", "0.5", "--fkl-weight", "0", "--aps-weight", "1"], "--fkl-weight 0"),
+])
+def test_prior_frac_nonsense_is_one_line(prior_folder, tmp_path, extra, words):
+    proc = run("train.py", "--prior", prior_folder, *TRAIN, "--fkl-weight", "1", *extra, "--out", tmp_path / "x")
+    assert_one_line_error(proc, "train.py", words)
+    assert not (tmp_path / "x").exists()

@@ -13,6 +13,9 @@ A recipe is a TOML (or JSON) file whose sections are TrainConfig's groups, [task
     [objective]
     fkl_weight = 1.0
 
+A recipe may start from another: a top-level `base = "image-wide"` (a shipped name or a file) reads that
+recipe first and this file's options over it, so a recipe says only what it changes.
+
 Shipped recipes live in aps/recipes/ (package data) and are named without the suffix; without --recipe,
 train.py starts from the one aps/recipes/defaults.toml names for the task's kind (mixture problem or
 image prior, optionally per operator). `train.py --dry-run` prints the resolved configuration in this
@@ -91,18 +94,35 @@ def _checked(value, f: dataclasses.Field, where: str):
 
 
 def read_recipe(name_or_file: str, cls=TrainConfig) -> dict:
-    """The options a recipe sets, {field: value}, each checked against its section: an unknown section or key,
-    a key in another section's place or a value of the wrong type is an ApsError naming the file and key."""
+    """The options a recipe sets, {field: value}, its base's included (see `recipe_layers`)."""
+    values = {}
+    for _, layer in recipe_layers(name_or_file, cls):
+        values.update(layer)
+    return values
+
+
+def recipe_layers(name_or_file: str, cls=TrainConfig, _seen: tuple = ()) -> list[tuple[str, dict]]:
+    """[(label, {field: value})] of a recipe, its base's layers first (a top-level `base = NAME`), each option
+    checked against its section: an unknown section or key, a key in another section's place, a value of the
+    wrong type or a cycle of bases is an ApsError naming the file and key."""
     label, data = _load(name_or_file)
+    if label in _seen:
+        raise ApsError(f"recipe {label}: its bases form a cycle ({' -> '.join((*_seen, label))})")
     fields = {f.name: f for f in dataclasses.fields(cls)}
     sections = sorted({section(f) for f in fields.values()})
-    values = {}
+    layers, values = [], {}
     for name, options in data.items():
         if name == "description" and isinstance(options, str):
             continue
+        if name == "base" and isinstance(options, str):
+            base = options
+            if not Path(base).is_absolute() and Path(label).is_file() and (Path(label).parent / base).is_file():
+                base = str(Path(label).parent / base)  # a file next to this one
+            layers = recipe_layers(base, cls, (*_seen, label))
+            continue
         if name not in sections or not isinstance(options, dict):
             raise ApsError(f"recipe {label}: unknown section [{name}] (sections: {', '.join(sections)}; "
-                           f"and a top-level description)")
+                           f"and a top-level description and base)")
         for key, value in options.items():
             f = fields.get(key)
             if f is None or section(f) != name:
@@ -111,7 +131,7 @@ def read_recipe(name_or_file: str, cls=TrainConfig) -> dict:
             if key in PER_COMMAND:
                 raise ApsError(f"recipe {label}: {key!r} is given on the command line ({flag(key)}), not in a recipe")
             values[key] = _checked(value, f, f"recipe {label}: [{name}] {key}")
-    return values
+    return [*layers, (label, values)]
 
 
 def default_recipe(given: dict) -> str:
@@ -191,7 +211,8 @@ def resolve(given: dict, cls=TrainConfig) -> Resolved:
         notes = resume_changes(saved, cls(**changed), out)
     else:
         name = given.get("recipe") or default_recipe(given)
-        put(read_recipe(name, cls), f"recipe {name}")
+        for label, layer in recipe_layers(name, cls):
+            put(layer, f"recipe {label}")
         if not given.get("recipe"):
             put({"recipe": name}, f"the default for the task's kind ({DEFAULTS})")
     put({k: v for k, v in given.items() if not (k == "recipe" and not v)}, "command line")

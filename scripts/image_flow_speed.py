@@ -23,6 +23,11 @@ def main():
     p.add_argument("--device", default="cpu", help="torch device (default: cpu)")
     p.add_argument("--batch", type=int, nargs="+", default=[256], help="latents per pass (default: 256)")
     p.add_argument("--threads", type=int, default=0, help="CPU threads (0 = torch's default)")
+    p.add_argument("--compile", nargs="+", default=["off"], metavar="MODE",
+                   help="also time the flow under torch.compile in these modes (off = eager; default, "
+                        "reduce-overhead, max-autotune-no-cudagraphs); the first pass's seconds are the compile's")
+    p.add_argument("--directions", nargs="+", default=["sample", "density"], choices=["sample", "density"],
+                   help="passes to time: sample (z -> x) and density (x -> z) (default: both)")
     p.add_argument("--speed-out", default="", help="append the result as one JSON line to this file")
     args = p.parse_args()
 
@@ -59,18 +64,42 @@ def main():
                 return flow.nf.inverse_and_log_det(x, context=flow.encode(y))
 
         with torch.no_grad():
-            for batch in args.batch:
-                for direction, module in (("sample", flow), ("density", Density())):
-                    for label, dtype in (("fp32", None), ("bf16", torch.bfloat16)):
-                        t0 = time.perf_counter()
-                        r = throughput(module, y, batch, autocast_dtype=dtype)
-                        result["passes"].append({"direction": direction, "dtype": label, **r,
-                                                 "wall_s": round(time.perf_counter() - t0, 2)})
-                        print(json.dumps(result["passes"][-1]), flush=True)
+            for mode in args.compile:
+                for batch in args.batch:
+                    for direction, module in (("sample", flow), ("density", Density())):
+                        if direction not in args.directions:
+                            continue
+                        for label, dtype in (("fp32", None), ("bf16", torch.bfloat16)):
+                            timed = module if mode == "off" else compiled(module, mode)
+                            t0 = time.perf_counter()
+                            r = throughput(timed, y, batch, autocast_dtype=dtype)
+                            result["passes"].append({"direction": direction, "dtype": label, "compile": mode, **r,
+                                                     "wall_s": round(time.perf_counter() - t0, 2)})
+                            print(json.dumps(result["passes"][-1]), flush=True)
         print(json.dumps({k: result[k] for k in ("device", "params")}))
         if args.speed_out:
             with Path(args.speed_out).open("a") as f:
                 f.write(json.dumps(result) + "\n")
+
+
+def compiled(module, mode: str):
+    """torch.compile of the module's forward, fresh per call (each dtype and batch traces its own graph)."""
+    import torch
+
+    class Compiled(torch.nn.Module):
+        event_shape = module.event_shape
+
+        def __init__(self):
+            super().__init__()
+            self.fn = torch.compile(module.forward, mode=None if mode == "default" else mode)
+
+        def parameters(self, recurse=True):
+            return module.parameters(recurse)
+
+        def forward(self, *args):
+            return self.fn(*args)
+
+    return Compiled()
 
 
 if __name__ == "__main__":

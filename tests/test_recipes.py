@@ -177,3 +177,29 @@ def test_resume_of_a_flat_config_json(tmp_path):
 
 def test_resume_without_a_run(tmp_path):
     assert_one_line_error(run("train.py", "--out", tmp_path, "--resume"), "train.py", "no run to resume")
+
+
+def test_a_recipe_starts_from_its_base(tmp_path):
+    """`base = NAME` reads the base first and the file over it; --dry-run says which layer set each value."""
+    (tmp_path / "mine.toml").write_text('base = "image-wide"\n[optimisation]\nlr = 0.0005\n')
+    (tmp_path / "more.toml").write_text('base = "mine.toml"\n[image_flow]\nglow_cond = 32\n')  # a file next to it
+    run_ = resolve({"prior": "p", "operator": "sr", "recipe": str(tmp_path / "more.toml")})
+    wide = read_recipe("image-wide")
+    assert run_.cfg.lr == 5e-4 and run_.cfg.glow_cond == 32 and run_.cfg.glow_hidden == wide["glow_hidden"] == 160
+    assert run_.source["glow_hidden"] == "recipe image-wide"
+    assert run_.source["lr"] == f"recipe {tmp_path / 'mine.toml'}"
+    assert run_.source["glow_cond"] == f"recipe {tmp_path / 'more.toml'}"
+    assert read_recipe(str(tmp_path / "more.toml")) == {**wide, "lr": 5e-4, "glow_cond": 32}
+    # each shipped per-operator recipe is image-wide for its task: every image-wide value holds there
+    for name in set(SHIPPED_FLOWS) - {"mnist-classifier-flow"}:  # (the guided flow is another recipe's)
+        assert {k: v for k, v in read_recipe(name).items() if k in wide} == wide, name
+
+
+@pytest.mark.parametrize("text, needle", [
+    ('base = "no-such-recipe"\n', "unknown recipe 'no-such-recipe'"),
+    ('base = "loop.toml"\n', "cycle"),
+])
+def test_a_bad_base_is_one_line(tmp_path, text, needle):
+    path = tmp_path / "loop.toml"
+    path.write_text(text)
+    assert_one_line_error(run("train.py", "--recipe", path, "--dry-run"), "train.py", needle)

@@ -28,6 +28,8 @@ def main():
                         "reduce-overhead, max-autotune-no-cudagraphs); the first pass's seconds are the compile's")
     p.add_argument("--directions", nargs="+", default=["sample", "density"], choices=["sample", "density"],
                    help="passes to time: sample (z -> x) and density (x -> z) (default: both)")
+    p.add_argument("--dtypes", nargs="+", default=["fp32", "bf16"], choices=["fp32", "bf16"],
+                   help="precisions to time (default: both)")
     p.add_argument("--speed-out", default="", help="append the result as one JSON line to this file")
     args = p.parse_args()
 
@@ -70,7 +72,9 @@ def main():
                         if direction not in args.directions:
                             continue
                         for label, dtype in (("fp32", None), ("bf16", torch.bfloat16)):
-                            timed = module if mode == "off" else compiled(module, mode)
+                            if label not in args.dtypes:
+                                continue
+                            timed = module if mode == "off" else compiled(module, mode, dtype)
                             t0 = time.perf_counter()
                             r = throughput(timed, y, batch, autocast_dtype=dtype)
                             result["passes"].append({"direction": direction, "dtype": label, "compile": mode, **r,
@@ -82,16 +86,22 @@ def main():
                 f.write(json.dumps(result) + "\n")
 
 
-def compiled(module, mode: str):
-    """torch.compile of the module's forward, fresh per call (each dtype and batch traces its own graph)."""
+def compiled(module, mode: str, dtype=None):
+    """torch.compile of the module's forward, fresh per call (each dtype and batch traces its own graph), with
+    the autocast inside the compiled function (so the compiler sees which ops run in bf16)."""
     import torch
+
+    def forward(*args):
+        device = args[0].device.type
+        with torch.autocast(device, dtype=dtype, enabled=dtype is not None):
+            return module.forward(*args)
 
     class Compiled(torch.nn.Module):
         event_shape = module.event_shape
 
         def __init__(self):
             super().__init__()
-            self.fn = torch.compile(module.forward, mode=None if mode == "default" else mode)
+            self.fn = torch.compile(forward, mode=None if mode == "default" else mode)
 
         def parameters(self, recurse=True):
             return module.parameters(recurse)

@@ -125,3 +125,33 @@ def test_cuda_graph_on_without_a_gpu_is_one_error_line(tmp_path):
     with pytest.raises(ApsError, match="cuda-graph on needs one process on a CUDA GPU"):
         train(cfg)
     assert not (tmp_path / "run").exists()
+
+
+def test_sample_compiled_gives_the_same_samples(tmp_path, monkeypatch):
+    """sample.py --compile runs the flow's pass through torch.compile (it is compiled: dynamo made a graph) and
+    gives the eager samples to float rounding. A flow of the base and frame alone keeps the compile short."""
+    import runpy
+
+    import torch._dynamo
+
+    import aps
+    from cli_helpers import ROOT
+
+    flow = tmp_path / "flow"
+    proc = run("train.py", "--mcgdiff", "2,1,0", "--out", flow, "--steps", "3", "--batch-size", "16", "--flow-layers",
+               "0", "--log-every", "3", "--cpu")
+    assert proc.returncode == 0, proc.stderr
+    y = torch.tensor([[0.5], [-1.0]])
+    eager, eager_log_q = aps.load(flow).sample(y, 40, chunk=30)
+    torch._dynamo.reset()
+    torch._dynamo.utils.counters.clear()
+    out = tmp_path / "compiled.safetensors"
+    monkeypatch.setattr("sys.argv", ["sample.py", str(flow), "--y-file", str(tmp_path / "y.safetensors"), "--n", "40",
+                                     "--chunk", "30", "--device", "cpu", "--compile", "--out", str(out)])
+    from safetensors.torch import save_file
+    save_file({"y": y}, str(tmp_path / "y.safetensors"))
+    runpy.run_path(str(ROOT / "sample.py"), run_name="__main__")
+    assert torch._dynamo.utils.counters["stats"]["unique_graphs"] >= 1
+    compiled = load_file(out)
+    assert torch.allclose(compiled["samples"], eager, atol=1e-4) and torch.allclose(compiled["log_q"], eager_log_q, atol=1e-3)
+    assert not torch.equal(eager[0], eager[1])  # (two measurements, two sample sets)

@@ -82,6 +82,9 @@ def workspace(tmp_path_factory):
     np.savez(ws / "measurements.npz", y=np.random.default_rng(0).normal(size=(2, 2)).astype(np.float32))
     save_png((torch.rand(8, 8) * 255).to(torch.uint8).numpy(), ws / "my_lowres.png")
     save_file({"y": torch.randn(2, 1, 32, 32)}, str(ws / "my_y.safetensors"))  # measurements without ground truth
+    (ws / "my_100_digits").mkdir()  # a folder of a few paired images
+    for i in range(3):
+        save_png((torch.rand(32, 32) * 255).to(torch.uint8).numpy(), ws / "my_100_digits" / f"{i}.png")
     return ws
 
 

@@ -5,8 +5,8 @@
     python scripts/mcgdiff_table.py --table benchmarks/mcgdiff_published.jsonl      # the Markdown table of a file
 
 For every problem (d, d_y, seed; aps.problems.mcgdiff_published_problem, or --generator variant) and method:
-  aps   a flow trained by train.py's loop with the recipe --recipe names for its d (mixture-highdim: APS term +
-        forward KL; at d = 80 mixture-highdim-fkl: forward KL on prior draws alone), --aps-steps
+  aps   a flow trained by train.py's loop with the recipe --recipe names for its d (default mixture-highdim-fkl:
+        forward KL on prior draws alone; mixture-highdim: APS term + forward KL), --aps-steps
         steps or --aps-seconds, whichever ends first), sampled once per sample;
   dps, ddrm, cm1, cm2   the iterative solvers of aps.solvers (the CM solvers on the mixture's exact consistency
         function), each first tuned over its grid on --n-tune measurements of other prior draws (seed 54321,
@@ -41,8 +41,8 @@ sys.path.insert(0, str(ROOT))
 METHODS = ("aps", "dps", "ddrm", "cm1", "cm2")
 # per-d defaults: d -> value (the nearest d given is used for any other d)
 PER_D = {
-    # mixture-highdim-fkl at d = 80: the ELBO term moved mode weights there (BENCHMARKS.md); elsewhere measured as is
-    "recipe": {8: "mixture-highdim", 80: "mixture-highdim-fkl", 800: "mixture-highdim"},
+    # forward KL on prior draws alone: the ELBO term moved mode weights (BENCHMARKS.md); per d, so a d can differ
+    "recipe": {8: "mixture-highdim-fkl", 80: "mixture-highdim-fkl", 800: "mixture-highdim-fkl"},
     "aps_steps": {8: 8000, 80: 8000, 800: 3000},
     "aps_seconds": {8: 150.0, 80: 200.0, 800: 240.0},
     "dps_steps": {8: 500, 80: 500, 800: 100},

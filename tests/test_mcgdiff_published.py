@@ -143,7 +143,7 @@ def test_the_table_script_writes_one_line_per_problem_and_method(tmp_path):
         assert 0 <= r["tv_mean"] <= r["tv_max"] <= 1 and r["sw_floor_mean"] > 0 and r["seconds_per_sample"] > 0
     aps_row = next(r for r in rows if r["method"] == "aps")
     assert aps_row["train_steps"] == 5 and aps_row["kl_mean"] is not None
-    assert aps_row["recipe"] == "mixture-highdim"  # the recipe of the nearest d in the per-d table (8)
+    assert aps_row["recipe"] == "mixture-highdim-fkl"  # the recipe of the nearest d in the per-d table (8)
     dps_row = next(r for r in rows if r["method"] == "dps")
     assert dps_row["tuning"]["grid"] == [0.1, 1.0] and dps_row["nfe"] == 10
     assert "seed 54321" in dps_row["tune_measurements"]

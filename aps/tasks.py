@@ -330,22 +330,20 @@ def make_task(cfg, with_data: bool = True, device=None):
     prior = DiffusersPrior.from_pretrained(cfg.prior, gradient_checkpointing=cfg.prior_gradient_checkpointing)
     operator = build(cfg.operator, image_shape=prior.event_shape, **cfg.operator_args())
     measurements, record = (load_measurements(cfg.measurements, operator) if cfg.measurements else (None, None))
-    images, bank = None, None
+    images, bank, bank_images = None, None, None
     if with_data and (measurements is None or cfg.fkl_weight > 0):
-        bank_images = None
+        drawn = None
         if cfg.data == "prior" or cfg.prior_frac > 0:
             from .prior_bank import prior_bank, to_float
 
             uint8, bank = prior_bank(prior, cfg.prior_bank, sampler=cfg.prior_sampler, steps=cfg.prior_steps,
                                      seed=0, batch=cfg.prior_batch, device=device, cache_dir=cfg.prior_cache or None)
-            bank_images = to_float(uint8)
-        if cfg.data == "prior":
-            images, bank_images = bank_images, None
-        else:
-            images = load_images(cfg.data, prior.event_shape)
+            drawn = to_float(uint8)
+        images = drawn if cfg.data == "prior" else load_images(cfg.data, prior.event_shape)
+        bank_images = drawn if cfg.prior_frac > 0 else None
     return ImageTask(prior, operator, cfg.data, images, bank=bank, measurements=measurements,
-                     measurements_record=record, bank_images=bank_images if cfg.prior_frac > 0 else None,
-                     prior_frac=cfg.prior_frac)
+                     measurements_record=record, bank_images=bank_images,
+                     prior_frac=cfg.prior_frac if bank_images is not None else 0.0)  # no data loaded: no mix
 
 
 def load_measurements(path: str, operator) -> tuple[torch.Tensor, dict]:

@@ -10,6 +10,7 @@ under bf16 autocast (aps.evaluate_images.throughput: median of 10 passes after 3
 not depend on the weights, so a trained checkpoint of the same architecture runs at the same rate.
 """
 import argparse
+import itertools
 import json
 import time
 from pathlib import Path
@@ -65,21 +66,18 @@ def main():
             def forward(self, x, y):
                 return flow.nf.inverse_and_log_det(x, context=flow.encode(y))
 
+        modules = {"sample": flow, "density": Density()}
+        dtypes = {"fp32": None, "bf16": torch.bfloat16}
+        runs = itertools.product(args.compile, args.batch, args.directions, args.dtypes)
         with torch.no_grad():
-            for mode in args.compile:
-                for batch in args.batch:
-                    for direction, module in (("sample", flow), ("density", Density())):
-                        if direction not in args.directions:
-                            continue
-                        for label, dtype in (("fp32", None), ("bf16", torch.bfloat16)):
-                            if label not in args.dtypes:
-                                continue
-                            timed = module if mode == "off" else compiled(module, mode, dtype)
-                            t0 = time.perf_counter()
-                            r = throughput(timed, y, batch, autocast_dtype=dtype)
-                            result["passes"].append({"direction": direction, "dtype": label, "compile": mode, **r,
-                                                     "wall_s": round(time.perf_counter() - t0, 2)})
-                            print(json.dumps(result["passes"][-1]), flush=True)
+            for mode, batch, direction, label in runs:
+                module, dtype = modules[direction], dtypes[label]
+                timed = module if mode == "off" else compiled(module, mode, dtype)
+                t0 = time.perf_counter()
+                r = throughput(timed, y, batch, autocast_dtype=dtype)
+                result["passes"].append({"direction": direction, "dtype": label, "compile": mode, **r,
+                                         "wall_s": round(time.perf_counter() - t0, 2)})
+                print(json.dumps(result["passes"][-1]), flush=True)
         print(json.dumps({k: result[k] for k in ("device", "params")}))
         if args.speed_out:
             with Path(args.speed_out).open("a") as f:

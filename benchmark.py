@@ -47,6 +47,10 @@ def main(argv=None):
                                           "instead of the checkpoint's own: needed for flows trained with --data prior")
     g.add_argument("--budget-s", type=positive_float, help="seconds per method's run (default: no limit)")
     g = p.add_argument_group("solvers (a list is a tuning grid)")
+    g.add_argument("--aps-temperature", type=positive_float, nargs="+", default=D.aps_temperature, metavar="T",
+                   help="the flow's latent temperature (default: 1, the flow itself); a list is chosen on the tuning "
+                        "measurements by calibration: the T whose 90%% stroke coverage (mixtures: coverage) is "
+                        "nearest 0.9")
     g.add_argument("--dps-zeta", type=positive_float, nargs="+", default=D.dps_zeta)
     g.add_argument("--dps-steps", type=int, default=D.dps_steps, help="DPS steps (default: every prior timestep)")
     g.add_argument("--cm1-zeta", type=positive_float, nargs="+", default=D.cm1_zeta)
@@ -82,6 +86,7 @@ def main(argv=None):
         cfg = BenchmarkConfig(
             checkpoint=args.checkpoint, solvers=args.solvers, n_measurements=args.n_measurements,
             n_samples=args.n_samples, n_tune=args.n_tune, tune_samples=args.tune_samples, tune_first=args.tune_first,
+            aps_temperature=args.aps_temperature,
             dps_zeta=args.dps_zeta, dps_steps=args.dps_steps, cm1_zeta=args.cm1_zeta, cm1_steps=args.cm1_steps,
             cm2_lr1=args.cm2_lr1, cm2_k=args.cm2_k, ddrm_eta=args.ddrm_eta, ddrm_steps=args.ddrm_steps, cm=args.cm,
             cm_ode_steps=args.cm_ode_steps, budget_s=args.budget_s, device=args.device, threads=args.threads,

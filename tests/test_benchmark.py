@@ -98,6 +98,23 @@ def test_every_solver_on_an_image_flow(image, tmp_path):
     assert {p.name for p in (out / "figures").iterdir()} == FIGURES
 
 
+def test_the_flow_temperature_is_chosen_by_calibration(image, tmp_path, capsys):
+    out = tmp_path / "bench"
+    proc = run_here(capsys, image / "flow", "--solvers", "aps", "--aps-temperature", "1", "0.2", "--n-measurements", "3",
+                    "--n-samples", "8", "--n-tune", "3", "--tune-first", "8", "--no-figures", "--no-progress",
+                    "--out", out)
+    assert proc.returncode == 0, proc.stderr
+    m = json.loads((out / "benchmark.json").read_text())["methods"][0]
+    t = m["tuning"]
+    assert t["option"] == "temperature" and t["grid"] == [1.0, 0.2] and "coverage90_stroke - 0.9|" in t["chosen_by"]
+    gaps = {c["value"]: abs(c["coverage90_stroke"] - 0.9) for c in t["candidates"]}
+    assert [c["score"] for c in t["candidates"]] == pytest.approx(list(gaps.values()))
+    assert t["chosen"] == min(gaps, key=gaps.get) and m["config"]["temperature"] == t["chosen"]
+    cold, warm = (next(c for c in t["candidates"] if c["value"] == v) for v in (0.2, 1.0))
+    assert cold["coverage90_stroke"] <= warm["coverage90_stroke"]  # narrower intervals cover less
+    assert f"temperature {t['chosen']:g} of [1.0, 0.2] (by calibration)" in proc.stdout
+
+
 def test_cm2_stops_at_its_budget_and_says_so(mixture, tmp_path, capsys):
     out = tmp_path / "bench"
     proc = run_here(capsys, mixture, "--solvers", "cm2", "--cm2-k", "100000", "--cm2-lr1", "0.1",
@@ -129,6 +146,8 @@ def test_a_budget_stops_every_iterative_solver_with_an_estimate():
     (["--budget-s", "-3"], "--budget-s"),
     (["--dps-zeta", "abc"], "not a number"),
     (["--cm1-steps", "0"], "--cm1-steps must be at least 1"),
+    (["--aps-temperature", "0"], "must be a positive number"),
+    (["--solvers", "aps", "--aps-temperature", "0.8"], "needs a flow with a standard normal base"),
 ])
 def test_bad_numbers_and_names_are_one_line(mixture, tmp_path, capsys, args, needle):
     assert_one_line_error(run_here(capsys, mixture, *args, "--out", tmp_path / "b"), "benchmark.py", needle)

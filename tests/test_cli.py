@@ -71,6 +71,7 @@ def test_python_api(trained):
     (["--y", "1", "--out", "x.txt"], ".safetensors or .npz"),
     (["--y", "1", "--figure", "x.txt"], ".png, .pdf or .svg"),
     (["--y", "1", "--figure", "f.png"], "needs an image checkpoint"),
+    (["--y", "1", "--temperature", "0"], "temperature must be a positive number"),
 ])
 def test_sample_bad_input(trained, tmp_path, args, needle):
     args = [a if a != "x.txt" else tmp_path / "x.txt" for a in args]

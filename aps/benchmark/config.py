@@ -18,6 +18,7 @@ class BenchmarkConfig:
     tune_samples: int = 0                    # samples per tuning measurement (0: n_samples, at most 64)
     tune_first: int = 400                    # images: first held-out digit of the tuning set (scored digits are 0..)
     # solver options (a list is the tuning grid; one value: no tuning)
+    aps_temperature: list = field(default_factory=lambda: [1.0])  # the flow's latent temperature (a grid: chosen by calibration)
     dps_zeta: list = field(default_factory=lambda: [0.3, 1.0, 3.0])   # DPS step on grad ||y - A(x0_hat)||
     dps_steps: int | None = None             # DPS steps (None: every timestep of the prior, 1000)
     cm1_zeta: list = field(default_factory=lambda: [0.3, 1.0, 3.0])   # CM I step: zeta sigma_i grad L

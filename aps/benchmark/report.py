@@ -8,6 +8,10 @@ def _setting(m: dict) -> str:
     c, t = m["config"], m.get("tuning")
     if m["method"] == "aps":
         text = f"flow, step {c.get('step')}"
+        if t is not None:
+            text += f", temperature {t['chosen']:g} of {t['grid']} (by calibration)"
+        elif c.get("temperature", 1) != 1:
+            text += f", temperature {c['temperature']:g}"
     else:
         fixed = {k: v for k, v in c.items() if k not in ("name", "cm", "tau", "sigma_min", "sigma_max")
                  and (t is None or k != t["option"])}

@@ -58,6 +58,11 @@ class ConditionalFlow(nn.Module):
         x, log_det = self.nf.forward_and_log_det(z, context=context)
         return x, self.base_log_prob(z, context) - log_det
 
+    @property
+    def standard_normal_base(self) -> bool:
+        """Whether q0(z | y) is N(0, I) for every y (what a sampling temperature scales): here it is."""
+        return True
+
     def base_log_prob(self, z: torch.Tensor, context) -> torch.Tensor:
         """log q0(z | y) for z (B, *event_shape) and its (repeated) context, (B,): here log N(z; 0, I)."""
         return standard_normal_log_prob(z)

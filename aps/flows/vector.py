@@ -145,6 +145,10 @@ class ConditionalVectorFlow(ConditionalFlow):
         """The conditional mixture base q0(z | y), or None for the standard normal."""
         return self.nf.q0 if isinstance(self.nf.q0, ConditionalGaussianMixture) else None
 
+    @property
+    def standard_normal_base(self) -> bool:
+        return self.mixture_base is None
+
     def base_log_prob(self, z, context):
         if self.mixture_base is None:
             return super().base_log_prob(z, context)

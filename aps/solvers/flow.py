@@ -17,13 +17,14 @@ from .base import Solver
 
 class FlowSolver(Solver):
     """Samples of q(x | y) from a PosteriorSampler. Args: sampler, seed (the sampler's per-measurement seed),
-    chunk (flow evaluations per pass)."""
+    chunk (flow evaluations per pass), temperature (of the latents, aps.sampling; 1 = the flow itself)."""
 
     name = "aps"
 
-    def __init__(self, sampler, seed: int = 0, chunk: int = 65536, progress: bool = False):
+    def __init__(self, sampler, seed: int = 0, chunk: int = 65536, progress: bool = False, temperature: float = 1.0):
         super().__init__(progress)
         self.sampler, self.seed, self.chunk = sampler, int(seed), int(chunk)
+        self.temperature = sampler.check_temperature(temperature)
         self.log_q: torch.Tensor | None = None
         self.first_index = 0  # measurement index of y[0] for the per-measurement seeds
 
@@ -33,7 +34,7 @@ class FlowSolver(Solver):
         sync()
         t0 = time.perf_counter()
         x, self.log_q = self.sampler.sample(y.to(device), n, seed=self.seed, chunk=self.chunk,
-                                            first_index=self.first_index)
+                                            first_index=self.first_index, temperature=self.temperature)
         sync()
         seconds = time.perf_counter() - t0
         self.stats = {"nfe": 1, "seconds": seconds, "seconds_per_sample": seconds / (len(y) * n), "batch": len(y) * n,
@@ -41,4 +42,5 @@ class FlowSolver(Solver):
         return x
 
     def config(self):
-        return {"name": self.name, "step": self.sampler.meta.get("step"), **self.sampler.meta.get("flow", {})}
+        return {"name": self.name, "step": self.sampler.meta.get("step"), "temperature": self.temperature,
+                **self.sampler.meta.get("flow", {})}

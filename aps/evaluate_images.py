@@ -14,6 +14,8 @@ Quality, per measurement, from n posterior samples x_1..x_n of q(x | y) against 
                                raw x* sits at the centre of that interval, which inflates coverage90 where
                                the posterior is nearly a point mass (MNIST's background)
     pixel_std                  mean pixelwise std of the samples (diversity)
+    out_of_range               share of the samples with a pixel beyond +-1.5 (images live in [-1, 1]): the
+                               flow's rare far-off samples, which pixel_std and the posterior mean feel first
     class_accuracy             for a classifier operator: how often the operator's own classifier
                                gives the samples the measured class y
     judge_accuracy             the same by a second classifier that the sampler never saw (`judge`),
@@ -28,6 +30,8 @@ import torch
 
 from .metrics import credible_interval_hits, psnr, ssim
 from .tasks import dequantise
+
+OUT_OF_RANGE = 1.5  # a sample with a pixel beyond this (the data in [-1, 1]) is counted out of range
 
 
 @torch.no_grad()
@@ -79,6 +83,7 @@ def score_image_samples(x: torch.Tensor, x_true: torch.Tensor, y: torch.Tensor, 
         # the same on pixel sets chosen from y alone (NaN where an image has none): see coverage_by_region
         **{f"coverage90_{name}": (hits & m).sum(1) / m.sum(1).double() for name, m in pixel_regions(x, op).items()},
         "pixel_std": std.flatten(1).mean(1).double(),
+        "out_of_range": (x.flatten(2).abs().amax(2) > OUT_OF_RANGE).double().mean(1),
     }
     if levels:  # the truth dequantised as the training images are, seeded per image (seed, i)
         xd = torch.stack([dequantise(xi, levels, torch.Generator().manual_seed(seed * 1_000_003 + first_index + j))

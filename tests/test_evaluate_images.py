@@ -93,3 +93,16 @@ def test_classifier_features_rank_real_digits_closer_than_noise():
                                            3, 1, 1) * 2 - 1
     assert f_a.shape == (150, net.head.in_features // 16)
     assert frechet_distance(f_a, f_b) < 0.2 * frechet_distance(classifier_features(net, noise), f_b)
+
+
+def test_out_of_range_counts_the_samples_with_a_far_pixel():
+    from aps.evaluate_images import score_image_samples
+    from aps.operators import build
+
+    op = build("denoise", image_shape=(1, 8, 8))
+    x = torch.zeros(2, 10, 1, 8, 8)
+    x[0, 3, 0, 2, 2] = 1.6   # one pixel of one sample beyond 1.5
+    x[0, 7, 0, 5, 1] = -40.0
+    x[1, :, 0, 0, 0] = 1.5   # at the edge: in range
+    row = score_image_samples(x, torch.zeros(2, 1, 8, 8), torch.zeros(2, 1, 8, 8), op)
+    assert row["out_of_range"].tolist() == [0.2, 0.0]

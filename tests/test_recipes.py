@@ -190,9 +190,18 @@ def test_a_recipe_starts_from_its_base(tmp_path):
     assert run_.source["lr"] == f"recipe {tmp_path / 'mine.toml'}"
     assert run_.source["glow_cond"] == f"recipe {tmp_path / 'more.toml'}"
     assert read_recipe(str(tmp_path / "more.toml")) == {**wide, "lr": 5e-4, "glow_cond": 32}
-    # each shipped per-operator recipe is image-wide for its task: every image-wide value holds there
+    # each shipped per-operator recipe is image-wide for its task (a two-stage one: its first stage; the second
+    # changes only the LR, the steps and the APS weight, and starts from the first stage's weights)
     for name in set(SHIPPED_FLOWS) - {"mnist-classifier-flow"}:  # (the guided flow is another recipe's)
-        assert {k: v for k, v in read_recipe(name).items() if k in wide} == wide, name
+        values = read_recipe(name)
+        if values.get("init_from"):
+            assert values["init_from"] == f"runs/{name}-stage1" and values["aps_weight"] > 0, name
+            first = read_recipe(f"{name}-stage1")
+            assert {k: v for k, v in first.items() if k in wide} == wide, name
+            assert {k for k in set(values) | set(first) if values.get(k) != first.get(k)} <= \
+                {"lr", "steps", "aps_weight", "init_from", "max_seconds", "sample_every", "description"}, name
+        else:
+            assert {k: v for k, v in values.items() if k in wide} == wide, name
 
 
 @pytest.mark.parametrize("text, needle", [

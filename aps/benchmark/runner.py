@@ -60,8 +60,11 @@ def run_solver(solver, target, y: torch.Tensor, n: int, cfg: BenchmarkConfig, bu
 def make_method(name: str, target, sampler, cfg: BenchmarkConfig, cm_cache: dict, tune_set) -> tuple:
     """(solver, tuning record or None) for a registry name, tuned on tune_set = (x_tune, y_tune) when it has a grid."""
     if name == "aps":
-        temperatures = [sampler.check_temperature(t) for t in cfg.aps_temperature]
-        make_flow = lambda t: FlowSolver(sampler, seed=cfg.seed, temperature=t)  # noqa: E731
+        temperatures = [sampler.check_temperature(t) for t in cfg.aps_temperature]  # every value, before any runs
+
+        def make_flow(t):
+            return FlowSolver(sampler, seed=cfg.seed, temperature=t)
+
         if len(temperatures) > 1:
             record = tune(name, make_flow, "temperature", temperatures, target, *tune_set, cfg, by_calibration=True)
             return make_flow(record["chosen"]), record

@@ -18,14 +18,14 @@ OUT=${OUT_DIR:-runs/shipped}
 mkdir -p "$OUT"
 # shellcheck disable=SC2206
 names=(${NAMES:-mnist-denoise-flow mnist-sr-flow mnist-inpaint_box-flow mnist-deblur-flow mnist-classifier-calibrated-flow})
-# a two-stage recipe (one that starts from the weights of NAME-stage1: sr and deblur) trains its first stage beside
-# the others, then its second from it
-two_stage() { python3 -c "from aps.recipe import read_recipe; import sys; sys.exit(0 if read_recipe('$1').get('init_from') else 1)"; }
-side_by_side() {  # train the recipes named in "$@" side by side: NAME -> OUT/NAME (a second stage from OUT/NAME-stage1)
-  local pids=() name init
+# a two-stage recipe (sr, deblur: aps/recipes/NAME-stage1.toml exists) trains its first stage beside the others,
+# then its second from the first's weights
+side_by_side() {  # $1 = stage1 | stage2, then the recipes to train side by side: NAME -> OUT/NAME
+  local stage=$1 pids=() name init
+  shift
   for name in "$@"; do
     init=()
-    if [[ $name != *-stage1 ]] && two_stage "$name"; then init=(--init-from "$OUT/$name-stage1"); fi
+    if [ "$stage" = stage2 ]; then init=(--init-from "$OUT/$name-stage1"); fi
     # shellcheck disable=SC2086
     python3 train.py --recipe "$name" "${init[@]}" ${EXTRA:-} --out "$OUT/$name" > "$OUT/train-$name.log" 2>&1 &
     pids+=($!)
@@ -35,10 +35,10 @@ side_by_side() {  # train the recipes named in "$@" side by side: NAME -> OUT/NA
 status=0
 first=() second=()
 for name in "${names[@]}"; do
-  if two_stage "$name"; then first+=("$name-stage1"); second+=("$name"); else first+=("$name"); fi
+  if [ -f "aps/recipes/$name-stage1.toml" ]; then first+=("$name-stage1"); second+=("$name"); else first+=("$name"); fi
 done
-side_by_side "${first[@]}"
-[ ${#second[@]} = 0 ] || side_by_side "${second[@]}"
+side_by_side stage1 "${first[@]}"
+[ ${#second[@]} = 0 ] || side_by_side stage2 "${second[@]}"
 for name in "${names[@]}"; do
   echo "== $name: $(python3 -c "import json,sys; c=json.load(open(sys.argv[1])); print('step', c['step'], 'in', c.get('train_seconds'), 's')" "$OUT/$name/config.json" 2>/dev/null || echo FAILED)"
   if [ -f "$OUT/$name/flow.safetensors" ]; then

@@ -32,6 +32,8 @@ class PosteriorSampler:
 
     def __init__(self, flow, operator, prior=None, meta: dict | None = None):
         self.flow, self.operator, self.prior, self.meta = flow, operator, prior, meta or {}
+        if len(getattr(flow, "event_shape", ())) == 3:  # an image flow: channels-last convolutions (module docstring)
+            flow.to(memory_format=torch.channels_last)
         self._pass_fn = self._pass
 
     def compile(self, mode: str | None = None) -> "PosteriorSampler":
@@ -122,7 +124,7 @@ class PosteriorSampler:
 
     def _flow(self, z, y, autocast_dtype, temperature: float = 1.0):
         x, log_q = self._pass_fn(z, y, autocast_dtype)
-        x = x.float()
+        x = x.float().contiguous()  # (channels-last out of an image flow's convolutions)
         check_finite("the flow's samples", x)
         log_q = log_q.float()
         if temperature != 1:  # the flow gives log N(z) - log|det|; the sampler drew z = T u: log N(u) - d log T - log|det|

@@ -3,12 +3,12 @@
 #
 #     OUT_DIR=runs/shipped bash scripts/train_image_flows.sh
 #
-# Each recipe (aps/recipes/mnist-<op>-flow.toml) is the default image recipe image-wide for its operator with bf16
-# and a time budget: 360 s for denoise and inpaint_box, 430 s for sr, deblur and the classifier; sr and deblur then
-# have a second stage (the recipe mnist-<op>-flow, after mnist-<op>-flow-stage1: 1,320 steps with the prior's
-# reverse-KL term, from the first stage's weights), trained side by side after the first stages. The shipped
-# checkpoints are these runs on one H200 (2026-12-03): denoise and inpaint_box beside six other runs, the other three
-# side by side (NAMES="mnist-sr-flow mnist-deblur-flow mnist-classifier-calibrated-flow"); each card gives its steps.
+# Each first stage (aps/recipes/mnist-<op>-flow-stage1.toml; inpaint_box's only stage, mnist-inpaint_box-flow) is
+# the default image recipe image-wide for its operator with bf16 and a time budget: 360 s for denoise and
+# inpaint_box, 430 s for sr, deblur and the classifier. The others then have a second stage (the recipe
+# mnist-<op>-flow: the prior's reverse-KL term beside forward KL from the first stage's weights; 1,320 steps for sr
+# and deblur, 300 s for denoise and the classifier), trained side by side after the first stages. The shipped
+# checkpoints are such runs on one H200 (2026-12-03/04; each card gives its steps and what ran beside it).
 # The flows are bound by kernel-launch overhead, so processes side by side share one GPU well (BENCHMARKS.md,
 # "Training-step speed"). Then `benchmark.py RUN --solvers aps` scores each on 200 held-out digits x 100 samples into
 # OUT_DIR/NAME/benchmark/. Knobs: NAMES (the recipes to train; default all five), OUT_DIR (runs/shipped), DEVICE

@@ -24,6 +24,9 @@ Variants (each on a fresh flow with the same seed, so the first-step losses can 
   graph             the step captured once as a CUDA graph and replayed (--cuda-graph, aps.graph_step)
   fkl               the forward-KL stage's step (--aps-weight 0: no UNet pass)
   z1t1              one z per y and one ELBO draw per x, times stratified over the batch
+  wide              the default image recipe image-wide (flow width 160 / 64, class template, one z and one
+                    ELBO draw per y, batch strata)
+  channels_last     the flow's and the prior's convolution weights channels-last (NHWC)
 Tokens combine with '+', e.g. graph+batch256, graph+z1t1, graph+fkl.
 """
 import argparse
@@ -81,6 +84,8 @@ def run_variant(args, name):
         overrides["aps_weight"] = 0.0
     if "z1t1" in tokens:
         overrides.update(n_z=1, n_elbo=1, elbo_strata="batch")
+    if "wide" in tokens:
+        overrides.update(n_z=1, n_elbo=1, elbo_strata="batch", glow_hidden=160, glow_cond=64, class_template=True)
     if name == "old":
         from torch.optim.swa_utils import AveragedModel
 
@@ -89,6 +94,9 @@ def run_variant(args, name):
         LUInvertibleConv1x1.weight_inverse = lambda self: torch.linalg.inv(self.weight())
     cfg, accelerator, task, model, opt, ema = build(args, batch, overrides)
     flow = accelerator.unwrap_model(model).flow
+    if "channels_last" in tokens:
+        flow.to(memory_format=torch.channels_last)
+        task.prior.unet.to(memory_format=torch.channels_last)
     graphed = None
     if "graph" in tokens:
         from aps.graph_step import GraphedStep

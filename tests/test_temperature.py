@@ -1,6 +1,6 @@
 """Sampling at a temperature T: latents N(0, T^2 I), log_q the tempered sampler's density (against a brute-force
 Jacobian), T = 1 the flow itself, bad temperatures and flows with their own base refused, and benchmark.py choosing
-T by calibration on the tuning digits."""
+T by calibration on the tuning digits; an image flow sampled channels-last."""
 import json
 import math
 
@@ -53,6 +53,23 @@ def test_temperature_one_is_the_flow_and_lower_is_narrower():
     # the same latents, scaled: measurement 0's sample j at T = 0.5 is G(0.5 u_j)
     torch.testing.assert_close(x_cold[0, :4], s.flow(0.5 * s.latents(0, 64, 1, y[:1])[:4], y[:1])[0])
     assert torch.isfinite(log_q_cold).all()
+
+
+def test_an_image_flow_samples_channels_last_as_it_would_contiguous():
+    """The sampler keeps an image flow's convolution weights channels-last (faster); its samples and log_q are the
+    contiguous flow's to float rounding, and come back contiguous (safetensors writes only those)."""
+    y = make_y("image", 2)
+    plain = make_flow("image")
+    z = torch.randn(8, *plain.event_shape, generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        x_ref, log_q_ref = plain(z, y[:1])
+    s = sampler_of()
+    convs = [p for p in s.flow.parameters() if p.ndim == 4 and p.shape[-1] > 1]
+    assert convs and all(p.is_contiguous(memory_format=torch.channels_last) and not p.is_contiguous() for p in convs)
+    x, log_q = s._flow(z, y[:1], None)
+    assert x.is_contiguous()
+    torch.testing.assert_close(x, x_ref, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(log_q, log_q_ref, atol=1e-3, rtol=1e-5)
 
 
 @pytest.mark.parametrize("t", [0, -1, math.nan, math.inf])

@@ -6,8 +6,9 @@
 Takes train.py's own options (any flow architecture flag), builds the untrained flow exactly as train.py
 would for that prior and operator, and times a sampling pass (z -> x, what sample.py runs) and a density
 pass (x -> z, log q as the forward-KL term needs it) of --batch latents for one measurement, in fp32 and
-under bf16 autocast (aps.evaluate_images.throughput: median of 10 passes after 3 warm-up passes). Speed does
-not depend on the weights, so a trained checkpoint of the same architecture runs at the same rate.
+under bf16 autocast (aps.evaluate_images.throughput: median of 10 passes after 3 warm-up passes), with the
+flow's weights channels-last as aps.load keeps an image flow (--memory-format contiguous: the NCHW layout). Speed
+does not depend on the weights, so a trained checkpoint of the same architecture runs at the same rate.
 """
 import argparse
 import itertools
@@ -31,6 +32,8 @@ def main():
                    help="passes to time: sample (z -> x) and density (x -> z) (default: both)")
     p.add_argument("--dtypes", nargs="+", default=["fp32", "bf16"], choices=["fp32", "bf16"],
                    help="precisions to time (default: both)")
+    p.add_argument("--memory-format", nargs="+", default=["channels_last"], choices=["channels_last", "contiguous"],
+                   help="layouts of the flow's weights to time (default: channels_last, as aps.load keeps them)")
     p.add_argument("--speed-out", default="", help="append the result as one JSON line to this file")
     args = p.parse_args()
 
@@ -68,14 +71,16 @@ def main():
 
         modules = {"sample": flow, "density": Density()}
         dtypes = {"fp32": None, "bf16": torch.bfloat16}
-        runs = itertools.product(args.compile, args.batch, args.directions, args.dtypes)
+        layouts = {"channels_last": torch.channels_last, "contiguous": torch.contiguous_format}
+        runs = itertools.product(args.memory_format, args.compile, args.batch, args.directions, args.dtypes)
         with torch.no_grad():
-            for mode, batch, direction, label in runs:
+            for layout, mode, batch, direction, label in runs:
+                flow.to(memory_format=layouts[layout])
                 module, dtype = modules[direction], dtypes[label]
                 timed = module if mode == "off" else compiled(module, mode, dtype)
                 t0 = time.perf_counter()
                 r = throughput(timed, y, batch, autocast_dtype=dtype)
-                result["passes"].append({"direction": direction, "dtype": label, "compile": mode, **r,
+                result["passes"].append({"direction": direction, "dtype": label, "compile": mode, "memory_format": layout, **r,
                                          "wall_s": round(time.perf_counter() - t0, 2)})
                 print(json.dumps(result["passes"][-1]), flush=True)
         print(json.dumps({k: result[k] for k in ("device", "params")}))

@@ -84,8 +84,11 @@ def run_variant(args, name):
         overrides["aps_weight"] = 0.0
     if "z1t1" in tokens:
         overrides.update(n_z=1, n_elbo=1, elbo_strata="batch")
-    if "wide" in tokens:
-        overrides.update(n_z=1, n_elbo=1, elbo_strata="batch", glow_hidden=160, glow_cond=64, class_template=True)
+    if "wide" in tokens:  # image-wide's flow and ELBO estimator (its objective weights and batch aside)
+        from aps.recipe import read_recipe
+
+        wide = read_recipe("image-wide")
+        overrides.update({k: wide[k] for k in ("glow_hidden", "glow_cond", "class_template", "n_z", "n_elbo", "elbo_strata")})
     if name == "old":
         from torch.optim.swa_utils import AveragedModel
 
